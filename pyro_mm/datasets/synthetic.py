@@ -1,0 +1,72 @@
+"""Seeded synthetic data from softmax-gated Gaussian mixtures of experts.
+
+Every generator here is written down exactly (the papers under-specify theirs), draws all its
+randomness from one ``torch.Generator`` seeded by ``seed``, and returns the true parameters.
+"""
+
+import torch
+
+from ..models.gaussian_moe import GaussianMoE
+from ..models.params import GaussianExpertParams, MoEParams
+
+__all__ = ["gaussian_moe_truth", "sample_gaussian_moe", "gaussian_moe_stream"]
+
+
+def gaussian_moe_truth(
+    num_experts: int = 2,
+    in_features: int = 10,
+    out_features: int = 1,
+    *,
+    gate_norm: float = 3.0,
+    noise_std: float = 0.5,
+    seed: int = 0,
+) -> MoEParams:
+    r"""True parameters of a linear (degree 1) Gaussian MoE, drawn as follows:
+
+    * gate: for each non-reference expert ``k < K``, intercept ``0`` and slope
+      ``gate_norm * a_k / ||a_k||`` with ``a_k ~ N(0, I_P)``;
+    * experts: every coefficient (intercept and slopes) ``~ N(0, 1)``;
+    * variances: ``noise_std ** 2`` for every expert and output.
+
+    With ``x ~ N(0, I_P)`` (see :func:`sample_gaussian_moe`) the gate's logits have standard
+    deviation ``gate_norm``, so both experts are active and well separated.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    slopes = torch.randn(num_experts - 1, in_features, generator=generator, dtype=torch.float64)
+    slopes = gate_norm * slopes / slopes.norm(dim=-1, keepdim=True)
+    gate = torch.cat([torch.zeros(num_experts - 1, 1, dtype=torch.float64), slopes], dim=-1)
+    weight = torch.randn(
+        num_experts, out_features, in_features + 1, generator=generator, dtype=torch.float64
+    )
+    variance = torch.full((num_experts, out_features), noise_std**2, dtype=torch.float64)
+    return MoEParams(gate=gate, experts=GaussianExpertParams(weight=weight, variance=variance))
+
+
+def sample_gaussian_moe(truth: MoEParams, num_samples: int, *, seed: int = 0, model=None):
+    """Draws ``x ~ N(0, I_P)`` and ``y ~ p(y | x; truth)``.
+
+    :param MoEParams truth: parameters of a linear Gaussian MoE (or of ``model``'s features).
+    :param int num_samples: rows to draw.
+    :param int seed: seed of the draws.
+    :param GaussianMoE model: model whose features match ``truth`` (default: degree 1).
+    :returns: ``(x, y)`` float64 tensors of shapes ``(N, P)`` and ``(N, Q)``.
+    """
+    num_experts, out_features, _ = truth.experts.weight.shape
+    if model is None:
+        in_features = truth.gate.shape[1] - 1
+        model = GaussianMoE(num_experts, in_features, out_features).double()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, model.in_features, generator=generator, dtype=torch.float64)
+    y, _ = model.sample(x, truth, generator=generator)
+    return x, y
+
+
+def gaussian_moe_stream(truth: MoEParams, batch_size: int, num_batches: int = None, *, seed: int = 0):
+    """An endless (or ``num_batches``-long) stream of ``(x, y)`` batches drawn from ``truth``.
+
+    Batch ``i`` uses seed ``seed * 1_000_003 + i``, so a stream can be replayed exactly.
+    """
+    index = 0
+    while num_batches is None or index < num_batches:
+        yield sample_gaussian_moe(truth, batch_size, seed=seed * 1_000_003 + index)
+        index += 1

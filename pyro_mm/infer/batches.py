@@ -1,0 +1,49 @@
+"""Turning the inputs of ``fit`` into a stream of mini-batches."""
+
+from typing import Iterable, Iterator, Tuple
+
+import torch
+
+from ..validation import as_tensor
+
+__all__ = ["iterate_batches"]
+
+
+def iterate_batches(x, y=None, batch_size: int = None, epochs: int = 1) -> Iterator[Tuple]:
+    """Yields ``(x_batch, y_batch)`` pairs.
+
+    :param x: a tensor/array of inputs, or (when ``y`` is ``None``) any iterable of
+        ``(x, y)`` batches; a re-iterable one (a list, a ``DataLoader``) is replayed each epoch.
+    :param y: outputs matching ``x``, or ``None``.
+    :param int batch_size: rows per batch when ``x`` and ``y`` are arrays (``None``: all rows).
+    :param int epochs: passes over the data.
+    """
+    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if y is None:
+        if isinstance(x, (torch.Tensor,)) or hasattr(x, "shape"):
+            raise ValueError("y is missing: pass fit(x, y) or fit(stream) with an iterable of (x, y)")
+        if epochs > 1 and iter(x) is x:
+            raise ValueError("epochs > 1 needs a re-iterable stream (a list or DataLoader), not an iterator")
+        for _ in range(int(epochs)):
+            yield from _pairs(x)
+        return
+    x_all = x if isinstance(x, torch.Tensor) else as_tensor("x", x)
+    y_all = y if isinstance(y, torch.Tensor) else as_tensor("y", y, allow_integer=True)
+    if len(x_all) != len(y_all):
+        raise ValueError(f"x has {len(x_all)} rows but y has {len(y_all)}")
+    num_rows = len(x_all)
+    if batch_size is None:
+        batch_size = num_rows
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for _ in range(int(epochs)):
+        for start in range(0, num_rows, int(batch_size)):
+            yield x_all[start : start + batch_size], y_all[start : start + batch_size]
+
+
+def _pairs(stream: Iterable) -> Iterator[Tuple]:
+    for item in stream:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"a stream must yield (x, y) pairs, got {type(item).__name__}")
+        yield item[0], item[1]

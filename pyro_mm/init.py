@@ -1,0 +1,87 @@
+"""Warm starts for the MM and EM iterations.
+
+* :func:`kmeans_init`: the paper's default: K-means (scikit-learn, several restarts, lowest
+  distortion) on a first batch of standardised ``(x, y)``, experts fitted on their clusters,
+  gate at zero or, with ``gate="logistic"``, a multinomial logistic regression of the cluster
+  labels on the gate features (the paper's "Incremental MM*").
+"""
+
+import numpy as np
+import torch
+
+from .models.base import MixtureOfExperts
+from .models.params import tree_to
+from .surrogates.registry import expert_surrogate_for
+
+__all__ = ["kmeans_init", "check_enough_rows"]
+
+
+def check_enough_rows(model: MixtureOfExperts, num_rows: int) -> None:
+    """Raises when a first batch has fewer rows than there are experts to initialise."""
+    if num_rows < model.num_experts:
+        raise ValueError(
+            f"K = {model.num_experts} experts need at least {model.num_experts} samples in the "
+            f"first batch for K-means initialisation, got {num_rows}; pass a larger first batch "
+            f"or initialise explicitly (init='current' after setting the model's parameters)"
+        )
+
+
+def kmeans_init(
+    model: MixtureOfExperts,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    gate: str = "zero",
+    n_init: int = 10,
+    seed: int = 0,
+    expert_surrogate=None,
+):
+    """Initial parameters from K-means clusters of standardised ``(x, y)``.
+
+    :param MixtureOfExperts model: the model (its current parameters are the fallback for an
+        empty cluster).
+    :param torch.Tensor x: validated inputs ``(N, P)``.
+    :param torch.Tensor y: validated outputs.
+    :param str gate: ``"zero"`` (uniform gate) or ``"logistic"`` (logistic regression of the
+        cluster labels).
+    :param int n_init: K-means restarts; the lowest-distortion run is kept.
+    :param int seed: K-means seed.
+    :param expert_surrogate: the model's expert block (built with defaults if omitted).
+    """
+    from sklearn.cluster import KMeans
+
+    check_enough_rows(model, x.shape[0])
+    if gate not in ("zero", "logistic"):
+        raise ValueError(f"gate initialisation must be 'zero' or 'logistic', got {gate!r}")
+    num_experts = model.num_experts
+    data = torch.cat([x, model.clustering_view(y)], dim=-1).double().numpy()
+    scale = data.std(0)
+    data = (data - data.mean(0)) / np.where(scale > 0, scale, 1.0)
+    labels = KMeans(num_experts, n_init=n_init, random_state=seed).fit_predict(data)
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    resp = torch.nn.functional.one_hot(labels, num_experts).to(x.dtype)
+    current = tree_to(model.get_params(), x.dtype)
+    surrogate = expert_surrogate if expert_surrogate is not None else expert_surrogate_for(model)
+    u, r = model.features(x)
+    experts, _ = surrogate.solve(surrogate.statistics(current.experts, r, y, resp), current.experts)
+    gate_weight = torch.zeros_like(current.gate)
+    if gate == "logistic" and num_experts > 1:
+        gate_weight = _logistic_gate(u, labels, num_experts, seed).to(x.dtype)
+    return type(current)(gate=gate_weight, experts=experts)
+
+
+def _logistic_gate(u: torch.Tensor, labels: torch.Tensor, num_experts: int, seed: int):
+    from sklearn.linear_model import LogisticRegression
+
+    present = np.unique(labels.numpy())
+    if len(present) < 2:
+        return torch.zeros(num_experts - 1, u.shape[1])
+    fit = LogisticRegression(fit_intercept=False, C=1e4, max_iter=1000, random_state=seed)
+    fit.fit(u.double().numpy(), labels.numpy())
+    coef = np.zeros((num_experts, u.shape[1]))
+    if len(present) == 2 and fit.coef_.shape[0] == 1:
+        coef[present[1]] = fit.coef_[0]
+    else:
+        coef[present] = fit.coef_
+    # sklearn's softmax has no reference class: shift so that expert K has zero weights.
+    return torch.as_tensor(coef[:-1] - coef[-1])

@@ -1,0 +1,106 @@
+"""Error metrics of the paper's experiments and permutation-aligned parameter errors.
+
+Estimation error compares ``E[y|x]`` under the fitted parameters with ``E[y|x]`` under the
+truth; prediction error compares it with held-out ``y``. NRMSE is the RMSE divided by the range
+of the reference values (the normalisation that matches the paper's tables).
+"""
+
+import dataclasses
+import itertools
+
+import torch
+
+from .models.params import MoEParams, tree_leaves, tree_map
+
+__all__ = ["mse", "mape", "nrmse", "mean_nll", "align_experts", "parameter_error"]
+
+
+def _pair(prediction, target):
+    prediction = torch.as_tensor(prediction, dtype=torch.float64)
+    target = torch.as_tensor(target, dtype=torch.float64)
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+    return prediction, target
+
+
+def mse(prediction, target) -> float:
+    """Mean squared error."""
+    prediction, target = _pair(prediction, target)
+    return (prediction - target).square().mean().item()
+
+
+def mape(prediction, target) -> float:
+    """Mean absolute percentage error ``mean |pred - target| / |target|`` (as a fraction)."""
+    prediction, target = _pair(prediction, target)
+    return ((prediction - target).abs() / target.abs().clamp_min(1e-12)).mean().item()
+
+
+def nrmse(prediction, target) -> float:
+    """RMSE divided by the range ``max(target) - min(target)``."""
+    prediction, target = _pair(prediction, target)
+    spread = (target.max() - target.min()).clamp_min(1e-12)
+    return ((prediction - target).square().mean().sqrt() / spread).item()
+
+
+def mean_nll(model, x, y, params: MoEParams = None) -> float:
+    """Mean negative log-likelihood of ``(x, y)`` under ``model`` (at ``params`` if given)."""
+    with torch.no_grad():
+        return -model.log_prob(x, y, params).mean().item()
+
+
+def _permute(params: MoEParams, order) -> MoEParams:
+    """Relabels experts by ``order`` and re-references the gate to the new last expert."""
+    order = torch.as_tensor(order)
+    full_gate = torch.nn.functional.pad(params.gate, (0, 0, 0, 1))[order]
+    return MoEParams(
+        gate=full_gate[:-1] - full_gate[-1], experts=tree_map(lambda t: t[order], params.experts)
+    )
+
+
+def _expert_vector(params: MoEParams) -> torch.Tensor:
+    leaves = [t.reshape(t.shape[0], -1).to(torch.float64) for t in tree_leaves(params.experts)]
+    return torch.cat(leaves, dim=-1)
+
+
+def align_experts(estimate: MoEParams, truth: MoEParams) -> MoEParams:
+    """The relabelling of ``estimate``'s experts closest to ``truth`` (Euclidean distance of the
+    stacked expert parameters and full gate rows; exhaustive for ``K <= 8``, Hungarian above)."""
+    num_experts = truth.gate.shape[0] + 1
+
+    def cost(order):
+        permuted = _permute(estimate, order)
+        return (_expert_vector(permuted) - _expert_vector(truth)).square().sum() + (
+            (permuted.gate - truth.gate).to(torch.float64).square().sum()
+        )
+
+    if num_experts <= 8:
+        best = min(itertools.permutations(range(num_experts)), key=lambda o: cost(o).item())
+    else:
+        from scipy.optimize import linear_sum_assignment
+
+        distance = torch.cdist(_expert_vector(truth), _expert_vector(estimate))
+        best = linear_sum_assignment(distance.numpy())[1]
+    return _permute(estimate, list(best))
+
+
+def parameter_error(estimate: MoEParams, truth: MoEParams) -> dict:
+    """Relative errors ``||est - truth|| / ||truth||`` per parameter block, after alignment.
+
+    :returns: ``{"gate": ..., "<expert field>": ..., "total": ...}`` (floats).
+    """
+    aligned = align_experts(estimate, truth)
+    errors = {}
+    pairs = [("gate", aligned.gate, truth.gate)]
+    for field in dataclasses.fields(truth.experts):
+        pairs.append(
+            (field.name, getattr(aligned.experts, field.name), getattr(truth.experts, field.name))
+        )
+    squared_error = squared_norm = 0.0
+    for name, est, ref in pairs:
+        est, ref = est.to(torch.float64), ref.to(torch.float64)
+        error = (est - ref).square().sum().item()
+        norm = ref.square().sum().item()
+        errors[name] = (error / max(norm, 1e-300)) ** 0.5
+        squared_error, squared_norm = squared_error + error, squared_norm + norm
+    errors["total"] = (squared_error / max(squared_norm, 1e-300)) ** 0.5
+    return errors

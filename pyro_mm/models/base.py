@@ -1,0 +1,127 @@
+"""The part every softmax-gated mixture of experts shares: features, the gate, the parameter
+plumbing between a ``PyroModule`` and plain :class:`~pyro_mm.models.params.MoEParams`."""
+
+import torch
+from pyro.nn import PyroModule, PyroParam
+from torch.distributions import transform_to
+
+from ..validation import check_features
+from .features import as_feature_map
+from .gating import gate_log_probs
+from .params import MoEParams
+
+__all__ = ["MixtureOfExperts"]
+
+
+class MixtureOfExperts(PyroModule):
+    r"""Base class of softmax-gated mixtures of experts
+
+    .. math:: p(y \mid x) = \sum_{k=1}^K g_k(x) \, e_k(y \mid x),
+        \qquad g_k(x) = \frac{\exp(\omega_k^\top u(x))}{\sum_l \exp(\omega_l^\top u(x))},
+        \quad \omega_K = 0.
+
+    Subclasses define the expert family through :meth:`expert_log_prob` and the parameter
+    accessors. Every method that takes ``x`` validates it and casts it to the model's dtype.
+
+    :param int num_experts: number of experts ``K``.
+    :param int in_features: number of input columns ``P``.
+    :param gate_degree: polynomial degree of the gate, or a feature map.
+    :param expert_degree: polynomial degree of the expert regressors, or a feature map.
+    """
+
+    def __init__(self, num_experts: int, in_features: int, gate_degree=1, expert_degree=1):
+        if isinstance(num_experts, bool) or int(num_experts) != num_experts or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+        if isinstance(in_features, bool) or int(in_features) != in_features or in_features < 1:
+            raise ValueError(f"in_features must be a positive integer, got {in_features!r}")
+        super().__init__()
+        self.num_experts = int(num_experts)
+        self.in_features = int(in_features)
+        self.gate_features = as_feature_map(gate_degree, self.in_features)
+        self.expert_features = as_feature_map(expert_degree, self.in_features)
+        self.gate_weight = PyroParam(torch.zeros(self.num_experts - 1, self.gate_features.num_features))
+        #: ``True`` once an inference class has written fitted parameters.
+        self.fitted = False
+
+    # ----------------------------------------------------------------------------- plumbing
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the parameters; inputs are cast to it."""
+        return self.gate_weight_unconstrained.dtype
+
+    def check_x(self, x) -> torch.Tensor:
+        """Validates ``x`` (shape, dtype, finiteness) and casts it to the model's dtype."""
+        return check_features(x, self.in_features, self.dtype)
+
+    def check_y(self, y, num_rows: int) -> torch.Tensor:
+        """Validates ``y`` for this expert family; see subclasses."""
+        raise NotImplementedError
+
+    def clustering_view(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` as real columns for K-means initialisation (the identity for real outputs)."""
+        return y
+
+    def features(self, x: torch.Tensor):
+        """Gate and expert regressors ``(u(x), r(x))`` of a validated batch."""
+        return self.gate_features(x), self.expert_features(x)
+
+    def get_params(self) -> MoEParams:
+        """A detached copy of the current parameters as plain data."""
+        with torch.no_grad():
+            return MoEParams(gate=self.gate_weight.detach().clone(), experts=self.get_expert_params())
+
+    def set_params(self, params: MoEParams) -> None:
+        """Writes parameters into the module (and so into Pyro's param store) in place."""
+        with torch.no_grad():
+            self._write_param("gate_weight", params.gate)
+            self.set_expert_params(params.experts)
+        self.fitted = True
+
+    def _write_param(self, name: str, value: torch.Tensor) -> None:
+        unconstrained = getattr(self, name + "_unconstrained")
+        constraint = self._pyro_params[name][0]
+        unconstrained.copy_(transform_to(constraint).inv(value.to(unconstrained.dtype)))
+
+    # ----------------------------------------------------------------------- expert family
+    def get_expert_params(self):
+        raise NotImplementedError
+
+    def set_expert_params(self, expert_params) -> None:
+        raise NotImplementedError
+
+    def expert_log_prob(self, expert_params, expert_features: torch.Tensor, y: torch.Tensor):
+        """``log e_k(y | x)`` for every expert, shape ``(N, K)``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------- densities
+    def log_joint_from_features(self, params: MoEParams, gate_features, expert_features, y):
+        r"""``log g_k(x) + log e_k(y | x)``, shape ``(N, K)``, from precomputed regressors."""
+        return gate_log_probs(params.gate, gate_features) + self.expert_log_prob(
+            params.experts, expert_features, y
+        )
+
+    def log_joint(self, x, y, params: MoEParams = None) -> torch.Tensor:
+        r"""Log joint of each sample with each expert, ``log g_k(x) + log e_k(y|x)``, ``(N, K)``.
+
+        :param x: inputs ``(N, P)``.
+        :param y: outputs for this expert family.
+        :param MoEParams params: parameters to evaluate at (default: the module's).
+        """
+        x = self.check_x(x)
+        y = self.check_y(y, x.shape[0])
+        params = self.get_params() if params is None else params
+        return self.log_joint_from_features(params, *self.features(x), y)
+
+    def log_prob(self, x, y, params: MoEParams = None) -> torch.Tensor:
+        """Per-sample log-likelihood ``log p(y_n | x_n)``, shape ``(N,)``."""
+        return torch.logsumexp(self.log_joint(x, y, params), dim=-1)
+
+    def responsibilities(self, x, y, params: MoEParams = None) -> torch.Tensor:
+        r"""Posterior expert probabilities ``tau_{nk} = p(z_n = k | x_n, y_n)``, ``(N, K)``."""
+        return torch.softmax(self.log_joint(x, y, params), dim=-1)
+
+    def gate_probs(self, x, params: MoEParams = None) -> torch.Tensor:
+        """Gate probabilities ``g_k(x)``, shape ``(N, K)``."""
+        x = self.check_x(x)
+        params = self.get_params() if params is None else params
+        return gate_log_probs(params.gate, self.gate_features(x)).exp()

@@ -1,0 +1,150 @@
+"""Softmax-gated Gaussian mixture of experts (the paper's Section 4.1)."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroParam
+from torch.distributions import constraints
+
+from ..validation import as_tensor, check_finite
+from .base import MixtureOfExperts
+from .gating import gate_logits
+from .params import GaussianExpertParams, MoEParams
+
+__all__ = ["GaussianMoE", "gaussian_expert_means", "gaussian_expert_log_prob"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_expert_means(weight: torch.Tensor, expert_features: torch.Tensor) -> torch.Tensor:
+    """Expert means ``mu_k(x) = Upsilon_k r(x)``, shape ``(N, K, Q)``."""
+    num_experts, out_features, num_features = weight.shape
+    flat = expert_features @ weight.reshape(num_experts * out_features, num_features).T
+    return flat.reshape(-1, num_experts, out_features)
+
+
+def gaussian_expert_log_prob(
+    params: GaussianExpertParams, expert_features: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """``log N(y; mu_k(x), diag sigma_k^2)`` for every expert, shape ``(N, K)``."""
+    residual = y.unsqueeze(-2) - gaussian_expert_means(params.weight, expert_features)
+    variance = params.variance
+    return -0.5 * (_LOG_2PI + variance.log() + residual.square() / variance).sum(-1)
+
+
+class GaussianMoE(MixtureOfExperts):
+    r"""Softmax-gated mixture of Gaussian regression experts with diagonal covariance.
+
+    .. math:: p(y \mid x) = \sum_{k=1}^K g_k(x)\,
+        \mathcal{N}\big(y;\ \Upsilon_k r(x),\ \mathrm{diag}(\sigma^2_{k,1..Q})\big)
+
+    where ``u(x)`` and ``r(x)`` are polynomial features (one intercept) of degrees
+    ``gate_degree`` and ``expert_degree``, and expert ``K`` is the gate's reference.
+
+    ``forward(x, y=None)`` is a Pyro model with a single observed site ``"y"`` whose
+    distribution is a :class:`~pyro.distributions.MixtureSameFamily`, so ``SVI``,
+    ``Predictive`` and ``poutine`` handlers work on it. The parameters are Pyro params of the
+    module: ``gate_weight`` ``(K-1, D_g)``, ``expert_weight`` ``(K, Q, D_e)`` and
+    ``expert_variance`` ``(K, Q)`` (positive).
+
+    :param int num_experts: number of experts ``K``.
+    :param int in_features: number of input columns ``P``.
+    :param int out_features: number of outputs ``Q``.
+    :param gate_degree: polynomial degree ``D_W`` of the gate (or a feature map).
+    :param expert_degree: polynomial degree ``D_V`` of the expert means (or a feature map).
+    :param int seed: seed of the random initial expert weights (used by SVI-style fitting;
+        the MM and EM initialisers replace them).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int = 1,
+        gate_degree=1,
+        expert_degree=1,
+        seed: int = 0,
+    ):
+        super().__init__(num_experts, in_features, gate_degree, expert_degree)
+        if isinstance(out_features, bool) or int(out_features) != out_features or out_features < 1:
+            raise ValueError(f"out_features must be a positive integer, got {out_features!r}")
+        self.out_features = int(out_features)
+        generator = torch.Generator().manual_seed(seed)
+        shape = (self.num_experts, self.out_features, self.expert_features.num_features)
+        self.expert_weight = PyroParam(torch.randn(shape, generator=generator))
+        self.expert_variance = PyroParam(
+            torch.ones(self.num_experts, self.out_features), constraint=constraints.positive
+        )
+
+    def check_y(self, y, num_rows: int) -> torch.Tensor:
+        """Validates ``y``: floating, finite, shape ``(N, Q)`` (or ``(N,)`` when ``Q = 1``)."""
+        y = as_tensor("y", y, self.dtype)
+        if y.dim() == 1 and self.out_features == 1:
+            y = y.unsqueeze(-1)
+        if y.dim() != 2 or y.shape[1] != self.out_features:
+            raise ValueError(
+                f"y must have shape (N, {self.out_features}) for out_features="
+                f"{self.out_features}, got {tuple(y.shape)}"
+            )
+        if y.shape[0] != num_rows:
+            raise ValueError(f"x has {num_rows} rows but y has {y.shape[0]}")
+        check_finite("y", y)
+        return y
+
+    def get_expert_params(self) -> GaussianExpertParams:
+        return GaussianExpertParams(
+            weight=self.expert_weight.detach().clone(), variance=self.expert_variance.detach().clone()
+        )
+
+    def set_expert_params(self, expert_params: GaussianExpertParams) -> None:
+        self._write_param("expert_weight", expert_params.weight)
+        self._write_param("expert_variance", expert_params.variance)
+
+    def expert_log_prob(self, expert_params, expert_features, y):
+        return gaussian_expert_log_prob(expert_params, expert_features, y)
+
+    def predict(self, x, params: MoEParams = None) -> torch.Tensor:
+        r"""The regression function ``E[y | x] = sum_k g_k(x) mu_k(x)`` (paper eq. 14), ``(N, Q)``."""
+        x = self.check_x(x)
+        params = self.get_params() if params is None else params
+        u, r = self.features(x)
+        gate = torch.softmax(gate_logits(params.gate, u), dim=-1)
+        return (gate.unsqueeze(-1) * gaussian_expert_means(params.experts.weight, r)).sum(-2)
+
+    def sample(self, x, params: MoEParams = None, generator: torch.Generator = None):
+        """Draws ``y ~ p(y | x)`` once per row; returns ``(y, z)`` with ``z`` the expert index.
+
+        :param torch.Generator generator: source of randomness (reproducible draws).
+        """
+        x = self.check_x(x)
+        params = self.get_params() if params is None else params
+        u, r = self.features(x)
+        gate = torch.softmax(gate_logits(params.gate, u), dim=-1)
+        z = torch.multinomial(gate, 1, generator=generator).squeeze(-1)
+        means = gaussian_expert_means(params.experts.weight, r)
+        rows = torch.arange(x.shape[0])
+        noise = torch.randn(means[rows, z].shape, generator=generator, dtype=x.dtype)
+        return means[rows, z] + params.experts.variance[z].sqrt() * noise, z
+
+    def forward(self, x, y=None, num_data: int = None):
+        """Pyro model: ``y_n ~ MixtureSameFamily(Categorical(g(x_n)), Normal(mu(x_n), sigma))``.
+
+        :param x: inputs ``(N, P)``.
+        :param y: observed outputs ``(N, Q)`` or ``None`` to sample them.
+        :param int num_data: full data-set size when ``x`` is a mini-batch (scales the likelihood).
+        """
+        x = self.check_x(x)
+        if y is not None:
+            y = self.check_y(y, x.shape[0])
+        u, r = self.features(x)
+        logits = gate_logits(self.gate_weight, u)
+        means = gaussian_expert_means(self.expert_weight, r)
+        scale = self.expert_variance.sqrt().expand(means.shape)
+        mixture = dist.MixtureSameFamily(
+            dist.Categorical(logits=logits), dist.Normal(means, scale).to_event(1)
+        )
+        size = x.shape[0] if num_data is None else num_data
+        with pyro.plate("data", size=size, subsample=torch.arange(x.shape[0])):
+            return pyro.sample("y", mixture, obs=y)

@@ -1,0 +1,36 @@
+"""MM surrogate blocks: per block, pure functions ``statistics`` and ``solve``."""
+
+from .gate import GateStatistics, gate_statistics, gate_surrogate_value, solve_gate
+from .gaussian_expert import (
+    GaussianExpertStatistics,
+    GaussianExpertSurrogate,
+    gaussian_expert_statistics,
+    gaussian_expert_surrogate_value,
+    solve_gaussian_experts,
+)
+from .mixture import MoEStatistics, e_step, mixture_statistics, solve_mixture
+from .registry import expert_surrogate_for, register_expert_surrogate
+from .report import SolveReport
+from .softmax_bound import SOFTMAX_BOUNDS, softmax_curvature, solve_kronecker
+
+__all__ = [
+    "GateStatistics",
+    "GaussianExpertStatistics",
+    "GaussianExpertSurrogate",
+    "MoEStatistics",
+    "SOFTMAX_BOUNDS",
+    "SolveReport",
+    "e_step",
+    "expert_surrogate_for",
+    "gate_statistics",
+    "gate_surrogate_value",
+    "gaussian_expert_statistics",
+    "gaussian_expert_surrogate_value",
+    "mixture_statistics",
+    "register_expert_surrogate",
+    "softmax_curvature",
+    "solve_gate",
+    "solve_gaussian_experts",
+    "solve_kronecker",
+    "solve_mixture",
+]

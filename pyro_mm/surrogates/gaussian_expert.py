@@ -1,0 +1,157 @@
+r"""The Gaussian-expert block of the MM surrogate (paper Appendix A.5.2).
+
+Given responsibilities ``tau``, the expert part of the surrogate is the weighted Gaussian
+negative log-likelihood ``sum_k tau_k [1/2 log(2 pi sigma_kq^2) + (y_q - Upsilon_kq r)^2 /
+(2 sigma_kq^2)]`` summed over outputs, which depends on the data only through the averages
+``avg tau_k``, ``avg tau_k r r^T`` (one Gram matrix per expert, shared by all outputs),
+``avg tau_k y_q r`` and ``avg tau_k y_q^2``. Its argmin is weighted least squares.
+
+A ridge ``lambda`` adds ``lambda ||Upsilon_kq||^2 / (2 sigma_kq^2)`` (a conjugate Gaussian prior
+with variance ``sigma^2 / lambda``), which keeps the joint argmin closed form.
+"""
+
+import dataclasses
+import math
+
+import torch
+
+from ..models.gaussian_moe import gaussian_expert_log_prob
+from ..models.params import GaussianExpertParams
+from .report import SolveReport
+
+__all__ = [
+    "GaussianExpertStatistics",
+    "GaussianExpertSurrogate",
+    "gaussian_expert_statistics",
+    "solve_gaussian_experts",
+    "gaussian_expert_surrogate_value",
+]
+
+
+@dataclasses.dataclass
+class GaussianExpertStatistics:
+    """Averaged sufficient statistics of ``K`` Gaussian experts.
+
+    :ivar torch.Tensor weight: ``(K,)`` ``avg tau_k``.
+    :ivar torch.Tensor gram: ``(K, D, D)`` ``avg tau_k r r^T``.
+    :ivar torch.Tensor cross: ``(K, Q, D)`` ``avg tau_k y_q r``.
+    :ivar torch.Tensor square: ``(K, Q)`` ``avg tau_k y_q^2``.
+    """
+
+    weight: torch.Tensor
+    gram: torch.Tensor
+    cross: torch.Tensor
+    square: torch.Tensor
+
+
+def gaussian_expert_statistics(
+    resp: torch.Tensor, expert_features: torch.Tensor, y: torch.Tensor
+) -> GaussianExpertStatistics:
+    """Batch averages of the expert statistics (batched GEMMs, no per-expert loop)."""
+    num_rows, num_experts = resp.shape
+    num_features = expert_features.shape[1]
+    out_features = y.shape[1]
+    weighted = (resp.unsqueeze(-1) * expert_features.unsqueeze(-2)).reshape(num_rows, -1)
+    gram = (weighted.T @ expert_features).reshape(num_experts, num_features, num_features)
+    cross = (y.T @ weighted).reshape(out_features, num_experts, num_features).transpose(0, 1)
+    return GaussianExpertStatistics(
+        weight=resp.mean(0),
+        gram=gram / num_rows,
+        cross=cross / num_rows,
+        square=resp.T @ y.square() / num_rows,
+    )
+
+
+def _penalised_residual(weight, stats: GaussianExpertStatistics, penalty) -> torch.Tensor:
+    """``avg tau_k (y_q - Upsilon_kq r)^2 + lambda_k ||Upsilon_kq||^2`` for every ``(k, q)``."""
+    gram_weight = torch.einsum("kde,kqe->kqd", stats.gram, weight)
+    quadratic = (weight * gram_weight).sum(-1) + penalty[:, None] * weight.square().sum(-1)
+    return stats.square - 2 * (weight * stats.cross).sum(-1) + quadratic
+
+
+def solve_gaussian_experts(
+    stats: GaussianExpertStatistics,
+    previous: GaussianExpertParams,
+    ridge: float = 1e-8,
+    variance_floor: float = 1e-6,
+    min_weight: float = 1e-8,
+):
+    r"""Closed-form argmin of the Gaussian-expert surrogate.
+
+    ``Upsilon_kq = (avg tau_k r r^T + lambda I)^{-1} avg tau_k y_q r`` (Cholesky, batched over
+    experts) and ``sigma^2_kq = [avg tau_k y_q^2 - 2 Upsilon_kq . avg tau_k y_q r +
+    Upsilon_kq^T (avg tau_k r r^T + lambda I) Upsilon_kq] / avg tau_k``.
+
+    :param GaussianExpertStatistics stats: averaged statistics.
+    :param GaussianExpertParams previous: parameters kept for experts with no data.
+    :param float ridge: ``lambda``, relative to the expert's mass ``avg tau_k``.
+    :param float variance_floor: smallest variance returned (a collapsing variance is floored).
+    :param float min_weight: experts with ``avg tau_k`` below this keep ``previous``.
+    :returns: ``(GaussianExpertParams, SolveReport)``.
+    """
+    num_experts, num_features, _ = stats.gram.shape
+    empty = stats.weight < min_weight
+    mass = stats.weight.clamp_min(min_weight)
+    penalty = ridge * mass
+    eye = torch.eye(num_features, dtype=stats.gram.dtype, device=stats.gram.device)
+    system = stats.gram + penalty[:, None, None] * eye
+    factor, info = torch.linalg.cholesky_ex(system)
+    if bool((info > 0).any()):
+        # Round-off made a nearly singular Gram matrix indefinite: fall back to a least-squares
+        # solve, which is slower but never fails.
+        weight = torch.linalg.lstsq(system, stats.cross.transpose(1, 2)).solution.transpose(1, 2)
+    else:
+        weight = torch.cholesky_solve(stats.cross.transpose(1, 2), factor).transpose(1, 2)
+    variance = _penalised_residual(weight, stats, penalty) / mass[:, None]
+    floored = variance < variance_floor
+    variance = torch.where(floored, torch.full_like(variance, variance_floor), variance)
+    weight = torch.where(empty[:, None, None], previous.weight, weight)
+    variance = torch.where(empty[:, None], previous.variance, variance)
+    report = SolveReport(empty_experts=empty, floored_variances=int((floored & ~empty[:, None]).sum()))
+    return GaussianExpertParams(weight=weight, variance=variance), report
+
+
+def gaussian_expert_surrogate_value(
+    params: GaussianExpertParams, stats: GaussianExpertStatistics, ridge: float = 0.0
+) -> torch.Tensor:
+    """The expert surrogate (weighted NLL plus ridge) from statistics, summed over ``k, q``.
+
+    Its minimiser over ``params`` is :func:`solve_gaussian_experts` with the same ``ridge``
+    (ridge here is absolute: pass ``ridge * avg tau_k`` to match the solve's scaling).
+    """
+    penalty = torch.as_tensor(ridge, dtype=stats.weight.dtype).expand(stats.weight.shape)
+    residual = _penalised_residual(params.weight, stats, penalty)
+    log_term = stats.weight[:, None] * (math.log(2 * math.pi) + params.variance.log())
+    return 0.5 * (log_term + residual / params.variance).sum()
+
+
+class GaussianExpertSurrogate:
+    """The Gaussian-expert block as the inference classes use it.
+
+    :param float ridge: ridge on the coefficients, relative to each expert's mass.
+    :param float variance_floor: smallest variance a solve returns.
+    :param float min_weight: responsibility mass below which an expert counts as empty.
+    """
+
+    def __init__(self, ridge: float = 1e-8, variance_floor: float = 1e-6, min_weight: float = 1e-8):
+        self.ridge = ridge
+        self.variance_floor = variance_floor
+        self.min_weight = min_weight
+
+    log_prob = staticmethod(gaussian_expert_log_prob)
+
+    def statistics(self, expert_params, expert_features, y, resp) -> GaussianExpertStatistics:
+        return gaussian_expert_statistics(resp, expert_features, y)
+
+    def solve(self, stats: GaussianExpertStatistics, previous: GaussianExpertParams):
+        return solve_gaussian_experts(
+            stats, previous, self.ridge, self.variance_floor, self.min_weight
+        )
+
+    def exact_m_step(self, previous: GaussianExpertParams, expert_features, y, resp):
+        """The exact EM M-step of the experts on a whole data set (closed form here)."""
+        return self.solve(self.statistics(previous, expert_features, y, resp), previous)
+
+    def value(self, params: GaussianExpertParams, stats: GaussianExpertStatistics) -> torch.Tensor:
+        mass = stats.weight.clamp_min(self.min_weight)
+        return gaussian_expert_surrogate_value(params, stats, self.ridge * mass)

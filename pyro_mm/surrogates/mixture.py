@@ -1,0 +1,61 @@
+"""The whole MM surrogate of a mixture of experts: the gate block plus the expert block.
+
+The E-step (responsibilities) is computed once here from the model's log-densities and feeds both
+blocks; every inference class builds on these two functions.
+"""
+
+import dataclasses
+
+import torch
+
+from ..models.gating import gate_log_probs
+from ..models.params import MoEParams
+from .gate import GateStatistics, gate_statistics, solve_gate
+
+__all__ = ["MoEStatistics", "e_step", "mixture_statistics", "solve_mixture"]
+
+
+@dataclasses.dataclass
+class MoEStatistics:
+    """Running averages of the surrogate statistics: ``gate`` and the expert family's ``experts``."""
+
+    gate: GateStatistics
+    experts: object
+
+
+def e_step(expert_surrogate, params: MoEParams, gate_features, expert_features, y):
+    """Responsibilities at ``params``.
+
+    :returns: ``(gate_probs, resp, log_lik)``, shapes ``(N, K)``, ``(N, K)``, ``(N,)``;
+        ``log_lik`` is the per-sample ``log p(y | x)`` (log-sum-exp of the log joint).
+    """
+    log_gate = gate_log_probs(params.gate, gate_features)
+    log_joint = log_gate + expert_surrogate.log_prob(params.experts, expert_features, y)
+    log_lik = torch.logsumexp(log_joint, dim=-1)
+    resp = torch.exp(log_joint - log_lik.unsqueeze(-1))
+    return log_gate.exp(), resp, log_lik
+
+
+def mixture_statistics(
+    expert_surrogate, params: MoEParams, gate_features, expert_features, y, curvature, eps
+):
+    """Batch-averaged statistics of the surrogate majorising the NLL at ``params``.
+
+    :returns: ``(MoEStatistics, log_lik)`` with ``log_lik`` the per-sample log-likelihood at
+        ``params`` (free by-product of the E-step).
+    """
+    gate_probs, resp, log_lik = e_step(expert_surrogate, params, gate_features, expert_features, y)
+    stats = MoEStatistics(
+        gate=gate_statistics(params.gate, gate_features, gate_probs, resp, curvature, eps),
+        experts=expert_surrogate.statistics(params.experts, expert_features, y, resp),
+    )
+    return stats, log_lik
+
+
+def solve_mixture(stats: MoEStatistics, previous: MoEParams, expert_surrogate, curvature, eps):
+    """The argmin of the surrogate: gate and experts solved separately (the blocks are separable).
+
+    :returns: ``(MoEParams, SolveReport)``.
+    """
+    experts, report = expert_surrogate.solve(stats.experts, previous.experts)
+    return MoEParams(gate=solve_gate(stats.gate, curvature, eps), experts=experts), report

@@ -1,0 +1,32 @@
+"""Which expert surrogate fits which model: inference code asks here and never names a family.
+
+Adding an expert family means adding a model class and a surrogate class and registering the
+pair with :func:`register_expert_surrogate`; no inference code changes.
+"""
+
+from ..models.base import MixtureOfExperts
+from ..models.gaussian_moe import GaussianMoE
+from .gaussian_expert import GaussianExpertSurrogate
+
+__all__ = ["register_expert_surrogate", "expert_surrogate_for"]
+
+_REGISTRY = {}
+
+
+def register_expert_surrogate(model_class: type, surrogate_class: type) -> None:
+    """Declares ``surrogate_class(**options)`` as the MM/EM expert block of ``model_class``."""
+    _REGISTRY[model_class] = surrogate_class
+
+
+def expert_surrogate_for(model: MixtureOfExperts, **options):
+    """The expert surrogate block for ``model``, built with the regularisation ``options``."""
+    for cls in type(model).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls](**options)
+    raise TypeError(
+        f"no MM surrogate is registered for {type(model).__name__}; "
+        f"known model classes: {sorted(c.__name__ for c in _REGISTRY)}"
+    )
+
+
+register_expert_surrogate(GaussianMoE, GaussianExpertSurrogate)

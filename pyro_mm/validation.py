@@ -1,0 +1,70 @@
+"""Input checks shared by models and inference: every bad batch is rejected at the door, with a
+message naming the problem, before any state changes."""
+
+import numpy as np
+import torch
+
+__all__ = ["as_tensor", "check_finite", "check_features"]
+
+
+def as_tensor(name: str, value, dtype: torch.dtype = None, allow_integer: bool = False) -> torch.Tensor:
+    """Converts an array-like to a tensor, rejecting non-numeric and (unless allowed) integer data.
+
+    :param str name: the argument's name, used in error messages.
+    :param value: a tensor, a NumPy array, a pandas object or a nested sequence.
+    :param torch.dtype dtype: floating dtype to cast floating data to (``None`` keeps it).
+    :param bool allow_integer: accept integer data (class labels) and keep it as ``int64``.
+    """
+    if hasattr(value, "to_numpy"):  # pandas
+        value = value.to_numpy()
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be numeric, got a NumPy array of dtype {value.dtype}")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    elif not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a tensor or array-like of numbers: {err}") from None
+    if value.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {value.dtype}")
+    if value.dtype == torch.bool or not value.is_floating_point():
+        if not allow_integer:
+            raise TypeError(
+                f"{name} has dtype {value.dtype}; pass floating-point data "
+                f"(torch.float64 is recommended for fitting)"
+            )
+        return value.to(torch.int64)
+    if dtype is not None and value.dtype != dtype:
+        value = value.to(dtype)
+    return value
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Raises ``ValueError`` naming the first rows that hold NaN or infinite values."""
+    if value.is_floating_point():
+        bad = ~torch.isfinite(value)
+        if bad.any():
+            rows = bad.reshape(bad.shape[0], -1).any(-1).nonzero().flatten()
+            kind = "NaN" if torch.isnan(value).any() else "infinite"
+            raise ValueError(
+                f"{name} contains {kind} values in {rows.numel()} row(s), first at row(s) "
+                f"{rows[:5].tolist()}; drop or impute them before fitting"
+            )
+
+
+def check_features(x, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Validates an input batch: 2-D ``(N, in_features)``, floating, finite, at least one row."""
+    x = as_tensor("x", x, dtype)
+    if x.dim() == 1 and in_features == 1:
+        x = x.unsqueeze(-1)
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (N, {in_features}), got {tuple(x.shape)}")
+    if x.shape[1] != in_features:
+        raise ValueError(
+            f"x has {x.shape[1]} columns but the model was built with in_features={in_features}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (0 rows)")
+    check_finite("x", x)
+    return x
