@@ -19,7 +19,9 @@ def _pair(prediction, target):
     prediction = torch.as_tensor(prediction, dtype=torch.float64)
     target = torch.as_tensor(target, dtype=torch.float64)
     if prediction.shape != target.shape:
-        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape"
+        )
     return prediction, target
 
 

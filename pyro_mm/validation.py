@@ -7,7 +7,9 @@ import torch
 __all__ = ["as_tensor", "check_finite", "check_features"]
 
 
-def as_tensor(name: str, value, dtype: torch.dtype = None, allow_integer: bool = False) -> torch.Tensor:
+def as_tensor(
+    name: str, value, dtype: torch.dtype = None, allow_integer: bool = False
+) -> torch.Tensor:
     """Converts an array-like to a tensor, rejecting non-numeric and (unless allowed) integer data.
 
     :param str name: the argument's name, used in error messages.

@@ -61,7 +61,9 @@ def sample_gaussian_moe(truth: MoEParams, num_samples: int, *, seed: int = 0, mo
     return x, y
 
 
-def gaussian_moe_stream(truth: MoEParams, batch_size: int, num_batches: int = None, *, seed: int = 0):
+def gaussian_moe_stream(
+    truth: MoEParams, batch_size: int, num_batches: int = None, *, seed: int = 0
+):
     """An endless (or ``num_batches``-long) stream of ``(x, y)`` batches drawn from ``truth``.
 
     Batch ``i`` uses seed ``seed * 1_000_003 + i``, so a stream can be replayed exactly.

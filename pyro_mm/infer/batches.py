@@ -22,9 +22,13 @@ def iterate_batches(x, y=None, batch_size: int = None, epochs: int = 1) -> Itera
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if y is None:
         if isinstance(x, (torch.Tensor,)) or hasattr(x, "shape"):
-            raise ValueError("y is missing: pass fit(x, y) or fit(stream) with an iterable of (x, y)")
+            raise ValueError(
+                "y is missing: pass fit(x, y) or fit(stream) with an iterable of (x, y)"
+            )
         if epochs > 1 and iter(x) is x:
-            raise ValueError("epochs > 1 needs a re-iterable stream (a list or DataLoader), not an iterator")
+            raise ValueError(
+                "epochs > 1 needs a re-iterable stream (a list or DataLoader), not an iterator"
+            )
         for _ in range(int(epochs)):
             yield from _pairs(x)
         return

@@ -69,11 +69,15 @@ class IncrementalMM:
         dtype: torch.dtype = torch.float64,
     ):
         if not isinstance(model, MixtureOfExperts):
-            raise TypeError(f"model must be a pyro_mm mixture of experts, got {type(model).__name__}")
+            raise TypeError(
+                f"model must be a pyro_mm mixture of experts, got {type(model).__name__}"
+            )
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         if polyak_start is not None and (int(polyak_start) != polyak_start or polyak_start < 1):
-            raise ValueError(f"polyak_start must be a positive integer or None, got {polyak_start!r}")
+            raise ValueError(
+                f"polyak_start must be a positive integer or None, got {polyak_start!r}"
+            )
         if gate_eps < 0 or ridge < 0 or variance_floor <= 0:
             raise ValueError("gate_eps and ridge must be >= 0 and variance_floor > 0")
         self.model = model.to(dtype)

@@ -39,7 +39,9 @@ class MixtureOfExperts(PyroModule):
         self.in_features = int(in_features)
         self.gate_features = as_feature_map(gate_degree, self.in_features)
         self.expert_features = as_feature_map(expert_degree, self.in_features)
-        self.gate_weight = PyroParam(torch.zeros(self.num_experts - 1, self.gate_features.num_features))
+        self.gate_weight = PyroParam(
+            torch.zeros(self.num_experts - 1, self.gate_features.num_features)
+        )
         #: ``True`` once an inference class has written fitted parameters.
         self.fitted = False
 
@@ -68,7 +70,9 @@ class MixtureOfExperts(PyroModule):
     def get_params(self) -> MoEParams:
         """A detached copy of the current parameters as plain data."""
         with torch.no_grad():
-            return MoEParams(gate=self.gate_weight.detach().clone(), experts=self.get_expert_params())
+            return MoEParams(
+                gate=self.gate_weight.detach().clone(), experts=self.get_expert_params()
+            )
 
     def set_params(self, params: MoEParams) -> None:
         """Writes parameters into the module (and so into Pyro's param store) in place."""

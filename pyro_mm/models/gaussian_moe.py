@@ -95,7 +95,8 @@ class GaussianMoE(MixtureOfExperts):
 
     def get_expert_params(self) -> GaussianExpertParams:
         return GaussianExpertParams(
-            weight=self.expert_weight.detach().clone(), variance=self.expert_variance.detach().clone()
+            weight=self.expert_weight.detach().clone(),
+            variance=self.expert_variance.detach().clone(),
         )
 
     def set_expert_params(self, expert_params: GaussianExpertParams) -> None:

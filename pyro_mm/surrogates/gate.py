@@ -50,7 +50,9 @@ def gate_statistics(
     num_rows = gate_features.shape[0]
     gram = gate_features.T @ gate_features / num_rows
     residual = (resp - gate_probs)[:, :-1]
-    linear = residual.T @ gate_features / num_rows + curvature @ gate_weight @ gram + eps * gate_weight
+    linear = (
+        residual.T @ gate_features / num_rows + curvature @ gate_weight @ gram + eps * gate_weight
+    )
     return GateStatistics(linear=linear, gram=gram)
 
 

@@ -107,7 +107,9 @@ def solve_gaussian_experts(
     variance = torch.where(floored, torch.full_like(variance, variance_floor), variance)
     weight = torch.where(empty[:, None, None], previous.weight, weight)
     variance = torch.where(empty[:, None], previous.variance, variance)
-    report = SolveReport(empty_experts=empty, floored_variances=int((floored & ~empty[:, None]).sum()))
+    report = SolveReport(
+        empty_experts=empty, floored_variances=int((floored & ~empty[:, None]).sum())
+    )
     return GaussianExpertParams(weight=weight, variance=variance), report
 
 
