@@ -12,6 +12,11 @@ from .mixture import MoEStatistics, e_step, mixture_statistics, solve_mixture
 from .registry import expert_surrogate_for, register_expert_surrogate
 from .report import SolveReport
 from .softmax_bound import SOFTMAX_BOUNDS, softmax_curvature, solve_kronecker
+from .softmax_regression import (
+    SoftmaxRegressionResult,
+    fit_softmax_regression,
+    softmax_regression_loss,
+)
 
 __all__ = [
     "GateStatistics",
@@ -19,9 +24,11 @@ __all__ = [
     "GaussianExpertSurrogate",
     "MoEStatistics",
     "SOFTMAX_BOUNDS",
+    "SoftmaxRegressionResult",
     "SolveReport",
     "e_step",
     "expert_surrogate_for",
+    "fit_softmax_regression",
     "gate_statistics",
     "gate_surrogate_value",
     "gaussian_expert_statistics",
@@ -29,6 +36,7 @@ __all__ = [
     "mixture_statistics",
     "register_expert_surrogate",
     "softmax_curvature",
+    "softmax_regression_loss",
     "solve_gate",
     "solve_gaussian_experts",
     "solve_kronecker",
