@@ -72,6 +72,7 @@ class IncrementalMM:
             raise TypeError(
                 f"model must be a pyro_mm mixture of experts, got {type(model).__name__}"
             )
+        model.require_no_priors("IncrementalMM")
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         if polyak_start is not None and (int(polyak_start) != polyak_start or polyak_start < 1):

@@ -1,7 +1,10 @@
 """The part every softmax-gated mixture of experts shares: features, the gate, the parameter
 plumbing between a ``PyroModule`` and plain :class:`~pyro_mm.models.params.MoEParams`."""
 
+from typing import Dict, Mapping
+
 import torch
+from pyro import poutine
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import transform_to
 
@@ -9,6 +12,7 @@ from ..validation import check_features
 from .features import as_feature_map
 from .gating import gate_log_probs
 from .params import MoEParams
+from .priors import check_prior_spec, prior_distributions
 
 __all__ = ["MixtureOfExperts"]
 
@@ -22,6 +26,10 @@ class MixtureOfExperts(PyroModule):
 
     Subclasses define the expert family through :meth:`expert_log_prob` and the parameter
     accessors. Every method that takes ``x`` validates it and casts it to the model's dtype.
+
+    Priors (:meth:`set_priors`, see :mod:`pyro_mm.models.priors`) work for every subclass: the
+    model is then called under ``poutine.lift``, which turns each parameter with a prior into a
+    latent sample site of the same name, while the module's parameters keep a point estimate.
 
     :param int num_experts: number of experts ``K``.
     :param int in_features: number of input columns ``P``.
@@ -44,6 +52,7 @@ class MixtureOfExperts(PyroModule):
         )
         #: ``True`` once an inference class has written fitted parameters.
         self.fitted = False
+        self._priors = None
 
     # ----------------------------------------------------------------------------- plumbing
     @property
@@ -81,10 +90,87 @@ class MixtureOfExperts(PyroModule):
             self.set_expert_params(params.experts)
         self.fitted = True
 
+    def param_values(self) -> Dict[str, torch.Tensor]:
+        """Detached copies of the (constrained) parameters, keyed by parameter name."""
+        return {name: value.clone() for name, (value, _) in self._constrained_params().items()}
+
+    def set_param_values(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Writes parameters given by name (or by Pyro site name, e.g. a guide's ``median()``).
+
+        :raises ValueError: for a name that is not a parameter or a value of the wrong shape,
+            before anything is written.
+        """
+        by_site = {self._site_name(name): name for name in self._pyro_params}
+        named = {by_site.get(key, key): value for key, value in values.items()}
+        unknown = sorted(set(named) - set(self._pyro_params))
+        if unknown:
+            raise ValueError(
+                f"unknown parameter(s) {unknown}; the model's are {sorted(self._pyro_params)}"
+            )
+        for name, value in named.items():
+            expected = getattr(self, name + "_unconstrained").shape
+            if tuple(value.shape) != tuple(expected):
+                raise ValueError(
+                    f"{name} must have shape {tuple(expected)}, got {tuple(value.shape)}"
+                )
+        with torch.no_grad():
+            for name, value in named.items():
+                self._write_param(name, value)
+        self.fitted = True
+
+    def _constrained_params(self) -> dict:
+        with torch.no_grad():
+            return {
+                name: (transform_to(constraint)(getattr(self, name + "_unconstrained")), constraint)
+                for name, (constraint, _) in self._pyro_params.items()
+            }
+
+    def _site_name(self, name: str) -> str:
+        """The Pyro site name of parameter ``name`` (prefixed when nested in a PyroModule)."""
+        prefix = self.__dict__.get("_pyro_name", "")
+        return f"{prefix}.{name}" if prefix else name
+
     def _write_param(self, name: str, value: torch.Tensor) -> None:
         unconstrained = getattr(self, name + "_unconstrained")
         constraint = self._pyro_params[name][0]
         unconstrained.copy_(transform_to(constraint).inv(value.to(unconstrained.dtype)))
+
+    # ---------------------------------------------------------------------------- priors
+    def set_priors(self, priors) -> None:
+        """Declares priors on the parameters (``None`` removes them).
+
+        :param priors: ``None``, a :class:`~pyro_mm.models.priors.MoEPriors` (every parameter)
+            or a dict ``{parameter name: distribution}`` (those parameters only).
+        :raises ValueError: for unknown names, wrong shapes or supports, before any change.
+        """
+        priors = check_prior_spec(priors)
+        prior_distributions(priors, self._constrained_params())
+        self._priors = priors
+
+    @property
+    def has_priors(self) -> bool:
+        """Whether some parameter has a prior (and is a latent site of the Pyro model)."""
+        return self._priors is not None and bool(self.prior_distributions())
+
+    def prior_distributions(self) -> dict:
+        """The priors keyed by parameter name, shaped like the parameters, in their dtype."""
+        return prior_distributions(self._priors, self._constrained_params())
+
+    def require_no_priors(self, method: str) -> None:
+        """Raises for a fitting ``method`` that maximises the likelihood and cannot honour priors."""
+        if self.has_priors:
+            raise ValueError(
+                f"{method} maximises the likelihood and would ignore the priors on "
+                f"{sorted(self.prior_distributions())}; build the model without priors, or fit "
+                f"it with SVIFit (an AutoDelta guide gives the MAP estimate)"
+            )
+
+    def __call__(self, *args, **kwargs):
+        priors = self.prior_distributions()
+        if not priors:
+            return super().__call__(*args, **kwargs)
+        sites = {self._site_name(name): prior for name, prior in priors.items()}
+        return poutine.lift(super().__call__, prior=sites)(*args, **kwargs)
 
     # ----------------------------------------------------------------------- expert family
     def get_expert_params(self):
