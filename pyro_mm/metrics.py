@@ -12,7 +12,16 @@ import torch
 
 from .models.params import MoEParams, tree_leaves, tree_map
 
-__all__ = ["mse", "mape", "nrmse", "mean_nll", "align_experts", "parameter_error"]
+__all__ = [
+    "mse",
+    "mape",
+    "nrmse",
+    "mean_nll",
+    "align_experts",
+    "parameter_error",
+    "regression_errors",
+    "evaluate_fit",
+]
 
 
 def _pair(prediction, target):
@@ -106,3 +115,40 @@ def parameter_error(estimate: MoEParams, truth: MoEParams) -> dict:
         squared_error, squared_norm = squared_error + error, squared_norm + norm
     errors["total"] = (squared_error / max(squared_norm, 1e-300)) ** 0.5
     return errors
+
+
+def regression_errors(prediction, target) -> dict:
+    """``{"mse", "mape", "nrmse"}`` of ``prediction`` against ``target`` (the paper's three)."""
+    return {
+        "mse": mse(prediction, target),
+        "mape": mape(prediction, target),
+        "nrmse": nrmse(prediction, target),
+    }
+
+
+def evaluate_fit(model, x, y, truth: MoEParams = None) -> dict:
+    """The evaluation every fitting method gets, on held-out ``(x, y)``, at ``model``'s parameters.
+
+    * ``heldout_nll``: mean negative log-likelihood of ``(x, y)``;
+    * ``prediction_*``: MSE, MAPE, NRMSE of ``E[y|x]`` against ``y`` (prediction error);
+    * with ``truth``: ``estimation_*``, the same errors of ``E[y|x]`` against ``E[y|x]`` under
+      ``truth`` (estimation error), and ``parameter_error``, the relative error of the
+      permutation-aligned parameters (:func:`parameter_error`'s ``"total"``).
+
+    The regression errors need a model with real outputs (``model.predict``).
+
+    :returns: a flat dict of floats.
+    """
+    x = model.check_x(x)
+    y = model.check_y(y, x.shape[0])
+    report = {"heldout_nll": mean_nll(model, x, y)}
+    with torch.no_grad():
+        fitted_mean = model.predict(x)
+        for name, value in regression_errors(fitted_mean, y).items():
+            report["prediction_" + name] = value
+        if truth is not None:
+            true_mean = model.predict(x, truth)
+            for name, value in regression_errors(fitted_mean, true_mean).items():
+                report["estimation_" + name] = value
+            report["parameter_error"] = parameter_error(model.get_params(), truth)["total"]
+    return report

@@ -100,7 +100,7 @@ class MixtureOfExperts(PyroModule):
         :raises ValueError: for a name that is not a parameter or a value of the wrong shape,
             before anything is written.
         """
-        by_site = {self._site_name(name): name for name in self._pyro_params}
+        by_site = {self.site_name(name): name for name in self._pyro_params}
         named = {by_site.get(key, key): value for key, value in values.items()}
         unknown = sorted(set(named) - set(self._pyro_params))
         if unknown:
@@ -125,7 +125,7 @@ class MixtureOfExperts(PyroModule):
                 for name, (constraint, _) in self._pyro_params.items()
             }
 
-    def _site_name(self, name: str) -> str:
+    def site_name(self, name: str) -> str:
         """The Pyro site name of parameter ``name`` (prefixed when nested in a PyroModule)."""
         prefix = self.__dict__.get("_pyro_name", "")
         return f"{prefix}.{name}" if prefix else name
@@ -169,7 +169,7 @@ class MixtureOfExperts(PyroModule):
         priors = self.prior_distributions()
         if not priors:
             return super().__call__(*args, **kwargs)
-        sites = {self._site_name(name): prior for name, prior in priors.items()}
+        sites = {self.site_name(name): prior for name, prior in priors.items()}
         return poutine.lift(super().__call__, prior=sites)(*args, **kwargs)
 
     # ----------------------------------------------------------------------- expert family

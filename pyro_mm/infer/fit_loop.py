@@ -1,0 +1,44 @@
+"""The loop every streaming fitting method shares: one ``step`` per mini-batch, one history row
+per step, an optional progress bar."""
+
+import time
+from typing import Iterable, Optional
+
+from .history import FitHistory
+
+__all__ = ["fit_loop", "count_batches"]
+
+
+def count_batches(x, y, batch_size: int, epochs: int) -> Optional[int]:
+    """Number of steps ``fit`` will take on arrays (``None`` for a stream of batches)."""
+    if y is None:
+        return None
+    return int(epochs) * -(-len(x) // int(batch_size))
+
+
+def fit_loop(
+    fitter, batches: Iterable, *, total: int = None, progress: bool = True, desc: str = None
+) -> FitHistory:
+    """Calls ``fitter.step(x, y)`` on every batch.
+
+    :param fitter: an object with ``step(x, y) -> float``, a ``samples_seen`` counter and a
+        ``history`` (:class:`FitHistory`) that accumulates over calls.
+    :param batches: iterable of ``(x, y)`` mini-batches.
+    :param int total: number of batches, for the progress bar.
+    :param bool progress: show a tqdm progress bar.
+    :param str desc: label of the progress bar (default: the fitter's class name).
+    :returns: the :class:`FitHistory` of this call (its rows are also appended to
+        ``fitter.history``).
+    """
+    from tqdm.auto import tqdm
+
+    history = FitHistory()
+    start = time.perf_counter()
+    desc = type(fitter).__name__ if desc is None else desc
+    with tqdm(batches, total=total, disable=not progress, desc=desc) as bar:
+        for x_batch, y_batch in bar:
+            loss = fitter.step(x_batch, y_batch)
+            history.append(loss, fitter.samples_seen, time.perf_counter() - start)
+            fitter.history.append(loss, fitter.samples_seen, history.wall_time[-1])
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    return history

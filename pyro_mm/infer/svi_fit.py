@@ -1,0 +1,331 @@
+"""Gradient-based fitting through Pyro's ELBO: maximum likelihood, MAP and variational Bayes,
+with any Pyro optimiser or any torch optimiser (SophiaH included), under the verbs of
+:class:`~pyro_mm.infer.IncrementalMM`."""
+
+import contextlib
+import inspect
+
+import pyro
+import pyro.optim
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoGuide, init_to_value
+
+from ..init import check_enough_rows, kmeans_init
+from ..models.base import MixtureOfExperts
+from .batches import iterate_batches
+from .fit_loop import count_batches, fit_loop
+from .history import FitHistory
+
+__all__ = ["SVIFit", "needs_hessian_graph"]
+
+_INITS = ("auto", "kmeans", "kmeans-logistic", "current")
+
+
+def needs_hessian_graph(optimizer_class: type) -> bool:
+    """Whether a torch optimiser estimates Hessian-vector products from the backward graph.
+
+    Such optimisers (``SophiaH``, ``AdaHessian`` from pytorch-optimizer) take a ``hessian``
+    argument in ``step`` and need ``loss.backward(create_graph=True)``.
+    """
+    return "hessian" in inspect.signature(optimizer_class.step).parameters
+
+
+def _no_latent_guide(*args, **kwargs):
+    """The guide of a model without latent variables: SVI then maximises the likelihood."""
+    return None
+
+
+class SVIFit:
+    r"""Fits a mixture of experts by stochastic gradient steps on Pyro's ELBO.
+
+    * ``guide=None`` on a model without priors: the ELBO is the log-likelihood, so this is
+      maximum likelihood by SGD, Adam, RMSProp, SophiaH, ... (the paper's baselines);
+    * an autoguide class on a model with priors (``GaussianMoE(..., priors=MoEPriors())``):
+      ``AutoDelta`` gives the MAP estimate, ``AutoNormal`` / ``AutoMultivariateNormal`` a
+      variational posterior. The guide starts at the model's current parameters.
+
+    The objective is the ELBO divided by the data-set size ``num_data`` (a mini-batch's
+    likelihood is scaled by ``num_data / batch size`` as usual), so for maximum likelihood it is
+    the batch's mean negative log-likelihood and learning rates keep their usual meaning. Used
+    like :class:`~pyro_mm.infer.IncrementalMM`::
+
+        model = GaussianMoE(2, 10)
+        fit = SVIFit(model, optim=torch.optim.Adam, optim_args={"lr": 0.01})
+        history = fit.fit(x, y, batch_size=32, epochs=10)
+
+    After every step the model holds the point estimate (for a guide: its ``median()``), so
+    ``model.predict``, ``model.log_prob`` and :mod:`pyro_mm.metrics` apply unchanged.
+    Every call runs in this fit's own scope of Pyro's param store, so several fits of models
+    with the same parameter names in one process never read each other's parameters.
+
+    :param MixtureOfExperts model: the model to fit; it is moved to ``dtype``.
+    :param guide: ``None`` (maximum likelihood), an autoguide class (built on the model with
+        ``init_loc_fn`` at the model's current parameters and ``guide_args``), or a guide.
+    :param optim: a Pyro optimiser instance (e.g. ``pyro.optim.ClippedAdam({"lr": 0.01})``),
+        stepped through :class:`pyro.infer.SVI`, or a torch optimiser class (e.g.
+        ``torch.optim.AdamW``, ``pytorch_optimizer.SophiaH``) built with ``optim_args`` over
+        the model's and the guide's parameters. Default: ``torch.optim.Adam``.
+    :param dict optim_args: keyword arguments of a torch optimiser class (default
+        ``{"lr": 0.01}``).
+    :param loss: the ELBO (default :class:`~pyro.infer.Trace_ELBO`).
+    :param dict guide_args: extra keyword arguments of an autoguide class (e.g.
+        ``{"init_scale": 0.01}`` for ``AutoNormal``).
+    :param int num_data: size of the data set the batches come from (weighs the priors against
+        the likelihood); default: the number of rows given to :meth:`fit`, or the batch size
+        for :meth:`step` and streams.
+    :param bool create_graph: keep the backward graph for Hessian-vector products (default:
+        :func:`needs_hessian_graph` of the optimiser class).
+    :param str init: ``"auto"`` (K-means on the first batch unless the model is already
+        fitted), ``"kmeans"``, ``"kmeans-logistic"`` or ``"current"``, as in IncrementalMM.
+    :param int seed: seed of the K-means initialisation and of the draws of the ELBO and of the
+        optimiser (kept in a private random state: the global one is left alone).
+    :param torch.dtype dtype: dtype of the parameters.
+    """
+
+    def __init__(
+        self,
+        model: MixtureOfExperts,
+        guide=None,
+        optim=None,
+        *,
+        optim_args: dict = None,
+        loss=None,
+        guide_args: dict = None,
+        num_data: int = None,
+        create_graph: bool = None,
+        init: str = "auto",
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+    ):
+        if not isinstance(model, MixtureOfExperts):
+            raise TypeError(
+                f"model must be a pyro_mm mixture of experts, got {type(model).__name__}"
+            )
+        if guide is None and model.has_priors:
+            raise ValueError(
+                f"the model has priors on {sorted(model.prior_distributions())}, so its "
+                f"parameters are latent variables and need a guide: guide=AutoDelta (MAP) or "
+                f"AutoNormal (variational Bayes)"
+            )
+        if guide is not None and not model.has_priors:
+            raise ValueError(
+                "the model has no priors, so it has no latent variables for a guide to fit; "
+                "use guide=None (maximum likelihood) or build the model with priors="
+            )
+        if isinstance(guide, type) and not issubclass(guide, AutoGuide):
+            raise TypeError(f"a guide class must be an autoguide, got {guide.__name__}")
+        if guide_args and not isinstance(guide, type):
+            raise ValueError("guide_args apply only when guide is an autoguide class")
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        if num_data is not None and (
+            isinstance(num_data, bool) or int(num_data) != num_data or num_data < 1
+        ):
+            raise ValueError(f"num_data must be a positive integer or None, got {num_data!r}")
+        optim = torch.optim.Adam if optim is None else optim
+        if isinstance(optim, pyro.optim.PyroOptim):
+            if optim_args:
+                raise ValueError(
+                    "optim_args apply to a torch optimiser class; a Pyro optimiser carries its "
+                    "own arguments, e.g. pyro.optim.Adam({'lr': 0.01})"
+                )
+            if needs_hessian_graph(optim.pt_optim_constructor) or create_graph:
+                raise ValueError(
+                    "pyro.infer.SVI differentiates without create_graph, so optimisers that "
+                    "need Hessian-vector products (SophiaH) must be passed as a torch optimiser "
+                    "class: SVIFit(model, optim=SophiaH, optim_args={...})"
+                )
+            create_graph = False
+        elif isinstance(optim, type) and issubclass(optim, torch.optim.Optimizer):
+            optim_args = {"lr": 0.01} if optim_args is None else dict(optim_args)
+            create_graph = needs_hessian_graph(optim) if create_graph is None else create_graph
+        else:
+            raise TypeError(
+                f"optim must be a Pyro optimiser instance (pyro.optim.Adam({{'lr': 0.01}})) or a "
+                f"torch optimiser class (torch.optim.Adam), got {optim!r}"
+            )
+        self.model = model.to(dtype)
+        self.guide_spec = guide
+        self.guide_args = dict(guide_args or {})
+        self.optim = optim
+        self.optim_args = optim_args
+        self.loss = Trace_ELBO() if loss is None else loss
+        self.num_data = None if num_data is None else int(num_data)
+        self.create_graph = bool(create_graph)
+        self.init = init
+        self.seed = seed
+        self.dtype = dtype
+        #: the guide (``None`` until the first step builds it).
+        self.guide = None
+        #: the torch optimiser (torch optimiser classes) or :class:`pyro.infer.SVI` (Pyro ones).
+        self.optimizer = None
+        #: the scaled objective (ELBO / num_data) of the last step, before its update.
+        self.last_objective = None
+        #: number of steps taken.
+        self.num_steps = 0
+        #: samples consumed by ``step``.
+        self.samples_seen = 0
+        self.history = FitHistory()
+        self._rng_state = torch.Generator().manual_seed(seed).get_state()
+        self._fit_num_data = None
+        self._trained = []
+        self._param_state = None
+
+    # ------------------------------------------------------------------------------ checks
+    def _check_batch(self, x, y):
+        x = self.model.check_x(x)
+        return x, self.model.check_y(y, x.shape[0])
+
+    # -------------------------------------------------------------------------------- verbs
+    def initialize(self, x, y) -> None:
+        """Sets the starting point (per ``init``) from a first batch, then builds the guide at
+        it and the optimiser. Called by the first :meth:`step` when not called before."""
+        x, y = self._check_batch(x, y)
+        init = self.init
+        if init == "auto":
+            init = "current" if self.model.fitted else "kmeans"
+        if init != "current":
+            check_enough_rows(self.model, x.shape[0])
+            gate = "logistic" if init == "kmeans-logistic" else "zero"
+            self.model.set_params(kmeans_init(self.model, x, y, gate=gate, seed=self.seed))
+        with self._context():
+            self.guide = self._build_guide()
+            if isinstance(self.guide, torch.nn.Module):
+                self.guide(x, y, num_data=self._num_data(x))  # creates an autoguide's params
+            self._trained = self._trainable_parameters()
+            if isinstance(self.optim, pyro.optim.PyroOptim):
+                self.optimizer = SVI(*self._scaled(x), self.optim, self.loss)
+            else:
+                self.optimizer = self.optim(self._trained, **self.optim_args)
+        self.num_steps = 0
+
+    def step(self, x, y) -> float:
+        """One gradient step on the scaled ELBO of a mini-batch.
+
+        :param x: inputs ``(N, P)``.
+        :param y: outputs of the model's family.
+        :returns: the batch's mean negative log-likelihood at the point estimate the step was
+            given (the same quantity every fitting method reports).
+        :rtype: float
+        """
+        x, y = self._check_batch(x, y)
+        if self.guide is None:
+            self.initialize(x, y)
+        loss = self.evaluate_loss(x, y)
+        if not torch.isfinite(torch.tensor(loss)):
+            raise ValueError(
+                "the batch's log-likelihood is not finite at the current parameters; "
+                "the state was left unchanged"
+            )
+        before = [p.detach().clone() for p in self._trained]
+        with self._context():
+            objective = self._gradient_step(x, y)
+            if not all(bool(torch.isfinite(p).all()) for p in self._trained):
+                with torch.no_grad():
+                    for p, old in zip(self._trained, before, strict=True):
+                        p.copy_(old)
+                raise FloatingPointError(
+                    "the gradient step produced non-finite parameters; they were restored to "
+                    "their values before the step (lower the learning rate)"
+                )
+            self._write_point_estimate(x, y)
+        self.last_objective = objective
+        self.num_steps += 1
+        self.samples_seen += x.shape[0]
+        return loss
+
+    def evaluate_loss(self, x, y) -> float:
+        """Mean negative log-likelihood of ``(x, y)`` at the current point estimate."""
+        with torch.no_grad():
+            return -self.model.log_prob(x, y).mean().item()
+
+    def fit(self, x, y=None, *, batch_size: int = None, epochs: int = 1, progress: bool = True):
+        """Runs :meth:`step` over a whole stream.
+
+        :param x: inputs ``(N, P)``, or (with ``y=None``) an iterable of ``(x, y)`` batches.
+        :param y: outputs, or ``None`` when ``x`` is a stream of batches.
+        :param int batch_size: rows per step for array inputs (default 256, as IncrementalMM).
+        :param int epochs: passes over the data.
+        :param bool progress: show a tqdm progress bar.
+        :returns: the :class:`FitHistory` of this call (also appended to ``self.history``).
+        """
+        if y is not None and batch_size is None:
+            batch_size = 256
+        batches = iterate_batches(x, y, batch_size, epochs)
+        self._fit_num_data = len(x) if y is not None else None
+        try:
+            return fit_loop(
+                self, batches, total=count_batches(x, y, batch_size, epochs), progress=progress
+            )
+        finally:
+            self._fit_num_data = None
+
+    # --------------------------------------------------------------------------- internals
+    @contextlib.contextmanager
+    def _context(self):
+        """This fit's own Pyro param store scope and random state."""
+        store = pyro.get_param_store()
+        with store.scope(state=self._param_state) as state, torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng_state)
+            yield
+            self._rng_state = torch.get_rng_state()
+        self._param_state = state
+
+    def _num_data(self, x) -> int:
+        for size in (self.num_data, self._fit_num_data):
+            if size is not None:
+                return size
+        return x.shape[0]
+
+    def _scaled(self, x):
+        scale = 1.0 / self._num_data(x)
+        return poutine.scale(self.model, scale=scale), poutine.scale(self.guide, scale=scale)
+
+    def _build_guide(self):
+        if self.guide_spec is None:
+            return _no_latent_guide
+        if not isinstance(self.guide_spec, type):
+            return self.guide_spec
+        start = {self.model.site_name(n): v for n, v in self.model.param_values().items()}
+        return self.guide_spec(
+            self.model, init_loc_fn=init_to_value(values=start), **self.guide_args
+        )
+
+    def _trainable_parameters(self) -> list:
+        lifted = {name + "_unconstrained" for name in self.model.prior_distributions()}
+        params = [p for n, p in self.model.named_parameters() if n not in lifted]
+        if isinstance(self.guide, torch.nn.Module):
+            params += list(self.guide.parameters())
+        return params
+
+    def _gradient_step(self, x, y) -> float:
+        num_data = self._num_data(x)
+        if isinstance(self.optimizer, SVI):
+            # SVI binds the (scaled) model at construction; the scale follows num_data.
+            self.optimizer.model, self.optimizer.guide = self._scaled(x)
+            return self.optimizer.step(x, y, num_data=num_data)
+        self.optimizer.zero_grad(set_to_none=True)
+        objective = self.loss.differentiable_loss(*self._scaled(x), x, y, num_data=num_data)
+        if self.create_graph:
+            # Gradients that keep their graph (for the optimiser's Hessian-vector products);
+            # autograd.grad rather than backward(create_graph=True) avoids a parameter <-> grad
+            # reference cycle, and the gradients are dropped right after the step.
+            grads = torch.autograd.grad(
+                objective, self._trained, create_graph=True, allow_unused=True
+            )
+            for p, grad in zip(self._trained, grads, strict=True):
+                p.grad = grad
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            objective.backward()
+            self.optimizer.step()
+        return objective.item()
+
+    def _write_point_estimate(self, x, y) -> None:
+        if isinstance(self.guide, torch.nn.Module):
+            self.model.set_param_values(self.guide.median(x, y, num_data=self._num_data(x)))
+        else:
+            self.model.fitted = True
