@@ -1,6 +1,8 @@
 """Incremental stochastic majorization-minimization (the paper's Algorithms 1 and 2)."""
 
+import math
 import time
+import warnings
 
 import torch
 
@@ -11,12 +13,24 @@ from ..surrogates.mixture import mixture_statistics, solve_mixture
 from ..surrogates.registry import expert_surrogate_for
 from ..surrogates.softmax_bound import softmax_curvature
 from .batches import iterate_batches
+from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
 from .history import FitHistory
 from .schedules import PowerDecay
+from .state import (
+    check_matching_options,
+    check_tree_shapes,
+    load_schedule_state,
+    load_tree_state,
+    schedule_state,
+    tree_state,
+)
 
 __all__ = ["IncrementalMM"]
 
 _INITS = ("auto", "kmeans", "kmeans-logistic", "current")
+_BAD_BATCH_POLICIES = ("raise", "skip")
+#: What a bad batch raises (all before any state changes); the "skip" policy catches these.
+_BAD_BATCH_ERRORS = (ValueError, TypeError, FloatingPointError)
 
 
 class IncrementalMM:
@@ -39,6 +53,29 @@ class IncrementalMM:
     The fitted parameters are written into ``model`` after every step (the Polyak average once
     averaging has started), so ``pyro.infer.Predictive(model, ...)`` uses them directly.
 
+    **Bad batches and faults.** A batch is validated, and its log-likelihood and the update it
+    would cause are checked for finiteness, before any state changes: a batch with NaN/inf
+    values, the wrong width, no rows, labels outside the model's classes, or magnitudes that
+    overflow the dtype raises a ``ValueError``/``TypeError`` naming the problem (or, with
+    ``on_bad_batch="skip"``, is skipped with a warning and counted in
+    ``regularisation["skipped_batches"]``). Degenerate but valid data is regularised and
+    counted in :attr:`regularisation`: a singular Gram matrix (constant features) gets the
+    ridge and ``gate_eps``; an expert with no responsibility keeps its parameters
+    (``"empty_expert_steps"``); a collapsing variance is raised to ``variance_floor``
+    (``"floored_variances"``).
+
+    **Checkpoints.** :meth:`state_dict` / :meth:`load_state_dict` save and restore everything
+    the iteration depends on; resuming an interrupted stream from a checkpoint (through
+    ``torch.save``/``torch.load``) gives bit-identical parameters to the uninterrupted run.
+
+    **Data-parallel fitting.** With ``torch.distributed`` initialised (or a ``process_group``
+    given), each rank steps on its own shard and the batch statistics are averaged over the ranks
+    (weighted by their row counts, see :mod:`pyro_mm.infer.distributed`, which also shows the
+    ``torchrun`` launch), so all ranks hold the parameters of one process fed the concatenation of
+    their batches. The initial parameters are those of the group's first rank (K-means on its
+    first batch), broadcast to the others. Every rank must call :meth:`step` the same number of
+    times; a batch rejected on one rank makes every rank raise (or skip) together.
+
     :param MixtureOfExperts model: the model to fit; it is moved to ``dtype``.
     :param schedule: step sizes ``n -> gamma_n``; default :class:`PowerDecay` ``(1.0, 0.6)``.
     :param int polyak_start: start averaging the iterates at this step (``None``: no averaging).
@@ -51,7 +88,13 @@ class IncrementalMM:
         cluster labels, the paper's "Incremental MM*") or ``"current"`` (the model's parameters).
     :param int seed: seed of the K-means initialisation.
     :param torch.dtype dtype: dtype of the statistics and parameters (float64 by default: the
-        statistics are long-running averages).
+        statistics are long-running averages; float32 is about twice as fast and safe for
+        well-scaled data, see ``tests/test_float32.py``).
+    :param process_group: ``None`` (the default ``torch.distributed`` group when it is
+        initialised with several ranks, else a single process), ``False`` (a single process
+        regardless) or a ``torch.distributed`` process group. Resolved at construction.
+    :param str on_bad_batch: ``"raise"`` (default) or ``"skip"`` (a bad batch leaves the state
+        unchanged, returns ``nan``, warns and is counted).
     """
 
     def __init__(
@@ -67,6 +110,8 @@ class IncrementalMM:
         init: str = "auto",
         seed: int = 0,
         dtype: torch.dtype = torch.float64,
+        process_group=None,
+        on_bad_batch: str = "raise",
     ):
         if not isinstance(model, MixtureOfExperts):
             raise TypeError(
@@ -81,6 +126,10 @@ class IncrementalMM:
             )
         if gate_eps < 0 or ridge < 0 or variance_floor <= 0:
             raise ValueError("gate_eps and ridge must be >= 0 and variance_floor > 0")
+        if on_bad_batch not in _BAD_BATCH_POLICIES:
+            raise ValueError(
+                f"on_bad_batch must be one of {_BAD_BATCH_POLICIES}, got {on_bad_batch!r}"
+            )
         self.model = model.to(dtype)
         self.schedule = PowerDecay() if schedule is None else schedule
         self.polyak_start = polyak_start
@@ -89,6 +138,10 @@ class IncrementalMM:
         self.init = init
         self.seed = seed
         self.dtype = dtype
+        self.ridge = float(ridge)
+        self.variance_floor = float(variance_floor)
+        self.on_bad_batch = on_bad_batch
+        self.process_group = resolve_process_group(process_group)
         self.curvature = softmax_curvature(model.num_experts - 1, gate_bound, dtype)
         self.expert_surrogate = expert_surrogate_for(
             model, ridge=ridge, variance_floor=variance_floor
@@ -101,10 +154,15 @@ class IncrementalMM:
         self.statistics = None
         #: number of steps taken.
         self.num_steps = 0
-        #: samples consumed by ``step``.
+        #: samples consumed by ``step`` (over all ranks when distributed).
         self.samples_seen = 0
-        #: regularisation counters: steps with an empty expert, variances floored.
-        self.regularisation = {"empty_expert_steps": 0, "floored_variances": 0}
+        #: regularisation counters: steps with an empty expert, variances floored, bad batches
+        #: skipped (``on_bad_batch="skip"``).
+        self.regularisation = {
+            "empty_expert_steps": 0,
+            "floored_variances": 0,
+            "skipped_batches": 0,
+        }
         self.history = FitHistory()
 
     # ------------------------------------------------------------------------------ checks
@@ -112,25 +170,35 @@ class IncrementalMM:
         x = self.model.check_x(x)
         return x, self.model.check_y(y, x.shape[0])
 
+    def _checked_batch(self, x, y):
+        """``(x, y, None)`` validated, or ``(x, y, error)``: a distributed step must reach the
+        collective that tells the other ranks about the error before raising it."""
+        try:
+            return (*self._check_batch(x, y), None)
+        except (ValueError, TypeError) as err:
+            if self.process_group is None:
+                raise
+            return x, y, err
+
+    def _raise_on_failure(self, local_error, failed_ranks: int) -> None:
+        if local_error is not None:
+            raise local_error
+        if failed_ranks:
+            raise ValueError(
+                f"{failed_ranks} other rank(s) rejected their batch; no rank changed its state"
+            )
+
     # -------------------------------------------------------------------------------- verbs
     def initialize(self, x, y) -> None:
         """Sets ``theta_0`` (per ``init``) and ``s_0 = S(theta_0; batch)`` from a first batch.
 
-        Called by the first :meth:`step` on its own batch when not called before.
+        Called by the first :meth:`step` on its own batch when not called before. When
+        distributed, ``theta_0`` comes from the group's first rank and ``s_0`` averages all
+        ranks' batches.
         """
-        x, y = self._check_batch(x, y)
-        init = self.init
-        if init == "auto":
-            init = "current" if self.model.fitted else "kmeans"
-        if init == "current":
-            params = tree_to(self.model.get_params(), self.dtype)
-        else:
-            check_enough_rows(self.model, x.shape[0])
-            gate = "logistic" if init == "kmeans-logistic" else "zero"
-            params = kmeans_init(
-                self.model, x, y, gate=gate, seed=self.seed, expert_surrogate=self.expert_surrogate
-            )
-        stats, _ = self._batch_statistics(params, x, y)
+        x, y, local_error = self._checked_batch(x, y)
+        params = self._initial_params(x, y, local_error)
+        stats, _, _ = self._reduced_statistics(params, x, y, None)
         self.params, self.statistics = params, stats
         self.averaged_params, self.num_steps = None, 0
         self.model.set_params(params)
@@ -140,37 +208,51 @@ class IncrementalMM:
 
         :param x: inputs ``(N, P)``.
         :param y: outputs ``(N, Q)`` (or ``(N,)`` for one output).
-        :returns: the batch's mean negative log-likelihood at the parameters the step was given.
+        :returns: the batch's mean negative log-likelihood at the parameters the step was given
+            (over all ranks' batches when distributed; ``nan`` for a skipped bad batch).
         :rtype: float
+        :raises ValueError: (or ``TypeError``, ``FloatingPointError``) for a bad batch, before
+            any state changes.
         """
-        x, y = self._check_batch(x, y)
-        if self.params is None:
-            self.initialize(x, y)
-        batch_stats, log_lik = self._batch_statistics(self.params, x, y)
-        loss = -log_lik.mean()
-        if not torch.isfinite(loss):
-            raise ValueError(
-                "the batch's log-likelihood is not finite at the current parameters "
-                "(values too large for the model's dtype?); the state was left unchanged"
+        try:
+            return self._step(x, y)
+        except _BAD_BATCH_ERRORS as err:
+            if self.on_bad_batch == "raise":
+                raise
+            self.regularisation["skipped_batches"] += 1
+            warnings.warn(
+                f"IncrementalMM skipped a bad batch, state unchanged: {err}",
+                RuntimeWarning,
+                stacklevel=2,
             )
+            return math.nan
+
+    def _step(self, x, y) -> float:
+        x, y, local_error = self._checked_batch(x, y)
+        params = self.params
+        if params is None:
+            params = self._initial_params(x, y, local_error)
+        batch_stats, loss, num_rows = self._reduced_statistics(params, x, y, local_error)
         gamma = float(self.schedule(self.num_steps + 1))
-        stats = tree_map(lambda s, b: s + gamma * (b - s), self.statistics, batch_stats)
-        params, report = solve_mixture(
-            stats, self.params, self.expert_surrogate, self.curvature, self.gate_eps
+        # At the first step s_0 = S(theta_0; z_1) is the batch's own statistic.
+        previous = batch_stats if self.statistics is None else self.statistics
+        stats = tree_map(lambda s, b: torch.lerp(s, b, gamma), previous, batch_stats)
+        new_params, report = solve_mixture(
+            stats, params, self.expert_surrogate, self.curvature, self.gate_eps
         )
-        if not all(bool(torch.isfinite(t).all()) for t in tree_leaves(params)):
+        if not _all_finite(tree_leaves(new_params)):
             raise FloatingPointError(
                 "the MM update produced non-finite parameters; the state was left unchanged "
-                "(increase gate_eps or ridge)"
+                "(increase gate_eps or ridge, or standardise the data)"
             )
-        self.statistics, self.params = stats, params
+        self.statistics, self.params = stats, new_params
         self.num_steps += 1
-        self.samples_seen += x.shape[0]
+        self.samples_seen += num_rows
         self.regularisation["empty_expert_steps"] += int(bool(report.empty_experts.any()))
         self.regularisation["floored_variances"] += report.floored_variances
         self._update_average()
         self.model.set_params(self.estimate)
-        return loss.item()
+        return loss
 
     def evaluate_loss(self, x, y) -> float:
         """Mean negative log-likelihood of ``(x, y)`` at the current estimate (no state change)."""
@@ -218,6 +300,131 @@ class IncrementalMM:
             self.expert_surrogate, params, u, r, y, self.curvature, self.gate_eps
         )
 
+    @property
+    def _is_first_rank(self) -> bool:
+        if self.process_group is None:
+            return True
+        import torch.distributed as dist
+
+        return dist.get_rank(self.process_group) == 0
+
+    def _initial_params(self, x, y, local_error) -> MoEParams:
+        """``theta_0`` per ``init`` from the first rank's batch, on every rank."""
+        params, error = None, local_error
+        if error is None and self._is_first_rank:
+            try:
+                params = self._initial_params_from(x, y)
+            except (ValueError, TypeError) as err:
+                error = err
+        self._raise_on_failure(error, agree_on_failure(self.process_group, error is not None))
+        if self.process_group is not None:
+            template = tree_to(self.model.get_params(), self.dtype) if params is None else params
+            params = broadcast_tree(self.process_group, template)
+        return params
+
+    def _initial_params_from(self, x, y) -> MoEParams:
+        init = self.init
+        if init == "auto":
+            init = "current" if self.model.fitted else "kmeans"
+        if init == "current":
+            return tree_to(self.model.get_params(), self.dtype)
+        check_enough_rows(self.model, x.shape[0])
+        gate = "logistic" if init == "kmeans-logistic" else "zero"
+        return kmeans_init(
+            self.model, x, y, gate=gate, seed=self.seed, expert_surrogate=self.expert_surrogate
+        )
+
+    def _reduced_statistics(self, params, x, y, local_error):
+        """The batch statistics at ``params``, its mean NLL and row count, over all ranks.
+
+        :raises ValueError: when a rank failed or the log-likelihood is not finite.
+        """
+        batch_stats, log_lik, log_lik_sum, num_rows = None, None, 0.0, 0
+        if local_error is None:
+            batch_stats, log_lik = self._batch_statistics(params, x, y)
+            log_lik_sum, num_rows = log_lik.sum(), x.shape[0]
+        reduced = all_reduce_batch(
+            self.process_group, batch_stats, self.statistics, log_lik_sum, num_rows
+        )
+        self._raise_on_failure(local_error, reduced.failed_ranks)
+        loss = -reduced.log_lik_sum / reduced.num_rows
+        if not math.isfinite(loss):
+            bad_rows = int((~torch.isfinite(log_lik)).sum())
+            raise ValueError(
+                f"the batch's log-likelihood is not finite at the current parameters ({bad_rows} "
+                f"of this rank's {num_rows} rows; values too large for the model's dtype, or "
+                f"far outside the data seen so far?); the state was left unchanged"
+            )
+        return reduced.statistics, loss, reduced.num_rows
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def _options(self) -> dict:
+        """What defines the iteration besides its state; a state loads only into a match."""
+        return {
+            "model": type(self.model).__name__,
+            "num_experts": self.model.num_experts,
+            "gate_bound": self.gate_bound,
+            "gate_eps": self.gate_eps,
+            "ridge": self.ridge,
+            "variance_floor": self.variance_floor,
+            "dtype": str(self.dtype),
+        }
+
+    def state_dict(self) -> dict:
+        """Everything the iteration depends on, as plain data (``torch.save`` it).
+
+        Holds the options it was built with, the schedule (its class and parameters) and
+        ``polyak_start``, the iterate, the Polyak average, the running statistics, the step and
+        sample counters, the regularisation counters and the history. There is no random state
+        after initialisation (K-means is seeded by ``seed``).
+        """
+        return {
+            "options": self._options(),
+            "schedule": schedule_state(self.schedule),
+            "polyak_start": self.polyak_start,
+            "params": tree_state(self.params),
+            "averaged_params": tree_state(self.averaged_params),
+            "statistics": tree_state(self.statistics),
+            "num_steps": self.num_steps,
+            "samples_seen": self.samples_seen,
+            "regularisation": dict(self.regularisation),
+            "history": self.history.as_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict` and writes its estimate into the model.
+
+        The schedule and ``polyak_start`` are restored from the state (a schedule that is a
+        plain function is not stored: pass the same one to the constructor).
+
+        :raises ValueError: when the state was made with other options (bound, ``gate_eps``,
+            ridge, floor, dtype, number of experts) or parameter shapes; nothing is changed then.
+        """
+        check_matching_options("IncrementalMM", state["options"], self._options())
+        params = load_tree_state(state["params"])
+        averaged = load_tree_state(state["averaged_params"])
+        stats = load_tree_state(state["statistics"])
+        if (params is None) != (stats is None):
+            raise ValueError("the state must hold both parameters and statistics, or neither")
+        expected = tree_to(self.model.get_params(), self.dtype)
+        check_tree_shapes("params", params, expected if params is not None else None)
+        if averaged is not None:
+            check_tree_shapes("averaged_params", averaged, expected)
+        if stats is not None:
+            solved, _ = solve_mixture(
+                stats, params, self.expert_surrogate, self.curvature, self.gate_eps
+            )
+            check_tree_shapes("the parameters solved from the statistics", solved, expected)
+        schedule = load_schedule_state(self.schedule, state["schedule"])
+        history = FitHistory(**state["history"])
+        self.schedule, self.polyak_start = schedule, state["polyak_start"]
+        self.params, self.averaged_params, self.statistics = params, averaged, stats
+        self.num_steps, self.samples_seen = int(state["num_steps"]), int(state["samples_seen"])
+        self.regularisation = dict(state["regularisation"])
+        self.history = history
+        if params is not None:
+            self.model.set_params(self.estimate)
+
     def _update_average(self) -> None:
         if self.polyak_start is None or self.num_steps < self.polyak_start:
             return
@@ -228,3 +435,11 @@ class IncrementalMM:
             self.averaged_params = tree_map(
                 lambda avg, new: avg + (new - avg) / count, self.averaged_params, self.params
             )
+
+
+def _all_finite(tensors) -> bool:
+    # A finite sum of sums proves every entry finite with one synchronisation; only an
+    # overflowing sum needs the entry-wise check.
+    if math.isfinite(sum(t.sum().item() for t in tensors)):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)

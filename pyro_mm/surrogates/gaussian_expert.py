@@ -23,6 +23,7 @@ __all__ = [
     "GaussianExpertStatistics",
     "GaussianExpertSurrogate",
     "gaussian_expert_statistics",
+    "gaussian_expert_mean_statistics",
     "solve_gaussian_experts",
     "gaussian_expert_surrogate_value",
 ]
@@ -48,23 +49,44 @@ def gaussian_expert_statistics(
     resp: torch.Tensor, expert_features: torch.Tensor, y: torch.Tensor
 ) -> GaussianExpertStatistics:
     """Batch averages of the expert statistics (batched GEMMs, no per-expert loop)."""
-    num_rows, num_experts = resp.shape
-    num_features = expert_features.shape[1]
-    out_features = y.shape[1]
-    weighted = (resp.unsqueeze(-1) * expert_features.unsqueeze(-2)).reshape(num_rows, -1)
-    gram = (weighted.T @ expert_features).reshape(num_experts, num_features, num_features)
-    cross = (y.T @ weighted).reshape(out_features, num_experts, num_features).transpose(0, 1)
+    num_rows = resp.shape[0]
+    # Expert-major (K, N, D): the weighting broadcasts one responsibility over a contiguous row
+    # of features, several times faster than the interleaved (N, K, D) layout.
+    weighted = resp.T.unsqueeze(-1) * expert_features
     return GaussianExpertStatistics(
         weight=resp.mean(0),
-        gram=gram / num_rows,
-        cross=cross / num_rows,
+        gram=(weighted.mT @ expert_features) / num_rows,
+        cross=(y.T @ weighted) / num_rows,
         square=resp.T @ y.square() / num_rows,
     )
 
 
+def gaussian_expert_mean_statistics(
+    params: GaussianExpertParams, expert_features: torch.Tensor, weight: torch.Tensor
+) -> GaussianExpertStatistics:
+    r"""The expert statistics' expectations when each ``y`` is drawn from the experts themselves.
+
+    With ``y | z = k ~ N(Upsilon_k r, diag sigma_k^2)`` and ``z`` weighted by ``weight`` (the
+    gate probabilities, for the complete-data mean parameters ``grad A(theta)``):
+    ``avg w_k``, ``G_k = avg w_k r r^T``, ``avg w_k E[y_q] r = G_k Upsilon_kq`` and
+    ``avg w_k E[y_q^2] = Upsilon_kq^T G_k Upsilon_kq + sigma_kq^2 avg w_k``. Solving these
+    statistics returns ``params`` again (up to the ridge).
+
+    :param GaussianExpertParams params: the experts the expectations are taken under.
+    :param torch.Tensor expert_features: ``(N, D)`` regressors ``r(x)``.
+    :param torch.Tensor weight: ``(N, K)`` non-negative weights of the experts per row.
+    """
+    num_rows = expert_features.shape[0]
+    mass = weight.mean(0)
+    gram = (weight.T.unsqueeze(-1) * expert_features).mT @ expert_features / num_rows
+    cross = torch.einsum("kde,kqe->kqd", gram, params.weight)
+    square = (params.weight * cross).sum(-1) + params.variance * mass[:, None]
+    return GaussianExpertStatistics(weight=mass, gram=gram, cross=cross, square=square)
+
+
 def _penalised_residual(weight, stats: GaussianExpertStatistics, penalty) -> torch.Tensor:
     """``avg tau_k (y_q - Upsilon_kq r)^2 + lambda_k ||Upsilon_kq||^2`` for every ``(k, q)``."""
-    gram_weight = torch.einsum("kde,kqe->kqd", stats.gram, weight)
+    gram_weight = weight @ stats.gram.mT
     quadratic = (weight * gram_weight).sum(-1) + penalty[:, None] * weight.square().sum(-1)
     return stats.square - 2 * (weight * stats.cross).sum(-1) + quadratic
 
@@ -149,6 +171,11 @@ class GaussianExpertSurrogate:
         return solve_gaussian_experts(
             stats, previous, self.ridge, self.variance_floor, self.min_weight
         )
+
+    def mean_statistics(self, expert_params, expert_features, weight) -> GaussianExpertStatistics:
+        """The statistics expected under the experts themselves (the mean parameters used by
+        :class:`~pyro_mm.infer.MirrorDescentEM`); see :func:`gaussian_expert_mean_statistics`."""
+        return gaussian_expert_mean_statistics(expert_params, expert_features, weight)
 
     def exact_m_step(self, previous: GaussianExpertParams, expert_features, y, resp):
         """The exact EM M-step of the experts on a whole data set (closed form here)."""

@@ -1,0 +1,92 @@
+"""Bad input raises a clear error before any state changes."""
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_mm import GaussianMoE, IncrementalMM
+from pyro_mm.datasets import gaussian_moe_truth, sample_gaussian_moe
+
+
+@pytest.fixture
+def started():
+    truth = gaussian_moe_truth(2, 3, 2, seed=0)
+    x, y = sample_gaussian_moe(truth, 400, seed=1)
+    infer = IncrementalMM(GaussianMoE(2, 3, 2))
+    infer.step(x[:200], y[:200])
+    return infer, x, y
+
+
+def _snapshot(infer):
+    return (
+        infer.num_steps,
+        infer.samples_seen,
+        infer.params.gate.clone(),
+        infer.statistics.experts.gram.clone(),
+        infer.model.get_params().experts.weight.clone(),
+    )
+
+
+def _assert_unchanged(before, after):
+    assert before[:2] == after[:2]
+    for a, b in zip(before[2:], after[2:]):
+        assert torch.equal(a, b)
+
+
+def _bad_batches(x, y):
+    nan_x = x[:50].clone()
+    nan_x[7, 1] = float("nan")
+    inf_y = y[:50].clone()
+    inf_y[3, 0] = float("inf")
+    return [
+        ("x must have shape", x[:50].unsqueeze(0), y[:50]),
+        ("4 columns", torch.cat([x[:50], x[:50, :1]], 1), y[:50]),
+        ("y must have shape", x[:50], y[:50, :1]),
+        ("x has 50 rows but y has 49", x[:50], y[:49]),
+        ("x contains NaN values in 1 row", nan_x, y[:50]),
+        ("y contains infinite values", x[:50], inf_y),
+        ("x has dtype torch.int64", x[:50].long(), y[:50]),
+        ("y has dtype torch.bool", x[:50], y[:50] > 0),
+        ("x must be numeric", np.array([["a", "b", "c"]] * 50), y[:50]),
+        ("empty batch", x[:0], y[:0]),
+    ]
+
+
+@pytest.mark.parametrize("index", range(10))
+def test_bad_batch_is_rejected_before_state_changes(started, index):
+    infer, x, y = started
+    message, bad_x, bad_y = _bad_batches(x, y)[index]
+    before = _snapshot(infer)
+    with pytest.raises((ValueError, TypeError), match=message):
+        infer.step(bad_x, bad_y)
+    _assert_unchanged(before, _snapshot(infer))
+    infer.step(x[200:], y[200:])  # the fit goes on
+
+
+def test_more_experts_than_first_batch_rows():
+    truth = gaussian_moe_truth(2, 3, seed=0)
+    x, y = sample_gaussian_moe(truth, 3, seed=1)
+    infer = IncrementalMM(GaussianMoE(5, 3))
+    with pytest.raises(ValueError, match="K = 5 experts need at least 5 samples"):
+        infer.step(x, y)
+    assert infer.params is None and infer.num_steps == 0
+
+
+def test_options_are_validated():
+    model = GaussianMoE(2, 3)
+    with pytest.raises(ValueError, match="unknown softmax bound"):
+        IncrementalMM(model, gate_bound="tight")
+    with pytest.raises(ValueError, match="init"):
+        IncrementalMM(model, init="random")
+    with pytest.raises(ValueError, match="polyak_start"):
+        IncrementalMM(model, polyak_start=0)
+    with pytest.raises(TypeError, match="mixture of experts"):
+        IncrementalMM(torch.nn.Linear(2, 2))
+
+
+def test_numpy_and_list_input_is_accepted():
+    truth = gaussian_moe_truth(2, 3, seed=0)
+    x, y = sample_gaussian_moe(truth, 300, seed=1)
+    infer = IncrementalMM(GaussianMoE(2, 3))
+    loss = infer.step(x.numpy(), y.squeeze(-1).tolist())
+    assert np.isfinite(loss)

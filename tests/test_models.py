@@ -1,0 +1,77 @@
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+
+from pyro_mm import GaussianMoE
+from pyro_mm.datasets import gaussian_moe_truth, sample_gaussian_moe
+from pyro_mm.models import CallableFeatures, PolynomialFeatures
+
+
+def test_polynomial_features_have_one_intercept():
+    x = torch.tensor([[2.0, 3.0]])
+    features = PolynomialFeatures(2, degree=3)(x)
+    assert features.tolist() == [[1.0, 2.0, 3.0, 4.0, 9.0, 8.0, 27.0]]
+    assert PolynomialFeatures(2, 3).num_features == 7
+    assert PolynomialFeatures(4, 0)(torch.ones(5, 4)).shape == (5, 1)
+
+
+def test_callable_features_checks_width():
+    fmap = CallableFeatures(lambda x: torch.cat([torch.ones(len(x), 1), x.sin()], -1), 3)
+    model = GaussianMoE(2, 2, expert_degree=fmap)
+    assert model.features(torch.zeros(4, 2, dtype=model.dtype))[1].shape == (4, 3)
+    with pytest.raises(ValueError, match="columns"):
+        CallableFeatures(lambda x: x, 5)(torch.zeros(3, 2))
+
+
+def _fitted_model(num_experts=3, in_features=2, out_features=2, seed=0):
+    truth = gaussian_moe_truth(num_experts, in_features, out_features, seed=seed)
+    model = GaussianMoE(num_experts, in_features, out_features).double()
+    model.set_params(truth)
+    return model, truth
+
+
+def test_log_prob_matches_pyro_mixture_and_responsibilities_normalise():
+    model, truth = _fitted_model()
+    x, y = sample_gaussian_moe(truth, 50, seed=1)
+    trace = pyro.poutine.trace(model).get_trace(x, y)
+    site = trace.nodes["y"]
+    expected = site["fn"].log_prob(site["value"])
+    assert torch.allclose(model.log_prob(x, y), expected, atol=1e-12)
+    assert torch.allclose(model.log_joint(x, y).logsumexp(-1), expected, atol=1e-12)
+    resp = model.responsibilities(x, y)
+    assert torch.allclose(resp.sum(-1), torch.ones(50, dtype=torch.float64))
+    assert isinstance(site["fn"], dist.MixtureSameFamily)
+
+
+def test_predict_is_the_mean_of_samples():
+    model, truth = _fitted_model(out_features=1)
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    draws = torch.stack([model.sample(x.repeat(20000, 1), generator=generator)[0]])
+    mc_mean = draws.reshape(20000, 3, 1).mean(0)
+    assert torch.allclose(model.predict(x), mc_mean, atol=0.05)
+
+
+def test_predictive_and_svi_work_on_the_same_object():
+    model, truth = _fitted_model(num_experts=2, out_features=1)
+    x, y = sample_gaussian_moe(truth, 500, seed=2)
+    samples = Predictive(model, num_samples=7)(x[:11])
+    assert samples["y"].shape == (7, 11, 1)
+    fresh = GaussianMoE(2, 2).double()
+    svi = SVI(fresh, lambda x, y=None: None, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    losses = [svi.step(x, y) for _ in range(60)]
+    assert losses[-1] < losses[0]
+    assert set(pyro.get_param_store().keys()) == {"gate_weight", "expert_weight", "expert_variance"}
+
+
+def test_constructor_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="num_experts"):
+        GaussianMoE(0, 2)
+    with pytest.raises(ValueError, match="in_features"):
+        GaussianMoE(2, 0)
+    with pytest.raises(ValueError, match="out_features"):
+        GaussianMoE(2, 2, out_features=0)
+    with pytest.raises(TypeError, match="feature"):
+        GaussianMoE(2, 2, gate_degree="two")
