@@ -1,16 +1,27 @@
 """pyro_mm: incremental stochastic majorization-minimization for softmax-gated mixtures of
 experts, as a Pyro plugin."""
 
-from .infer import ConstantStep, FitHistory, IncrementalMM, PowerDecay
+from .infer import (
+    EM,
+    ConstantStep,
+    FitHistory,
+    GradientEM,
+    IncrementalMM,
+    MirrorDescentEM,
+    PowerDecay,
+)
 from .models import GaussianMoE, MoEParams, PolynomialFeatures
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EM",
     "ConstantStep",
     "FitHistory",
     "GaussianMoE",
+    "GradientEM",
     "IncrementalMM",
+    "MirrorDescentEM",
     "MoEParams",
     "PolynomialFeatures",
     "PowerDecay",

@@ -1,7 +1,19 @@
 """Inference: how to iterate (incremental MM, and the methods it is compared with)."""
 
+from .em import EM, batch_mm
+from .gradient_em import GradientEM
 from .history import FitHistory
 from .incremental_mm import IncrementalMM
+from .mirror_descent_em import MirrorDescentEM
 from .schedules import ConstantStep, PowerDecay
 
-__all__ = ["ConstantStep", "FitHistory", "IncrementalMM", "PowerDecay"]
+__all__ = [
+    "EM",
+    "ConstantStep",
+    "FitHistory",
+    "GradientEM",
+    "IncrementalMM",
+    "MirrorDescentEM",
+    "PowerDecay",
+    "batch_mm",
+]

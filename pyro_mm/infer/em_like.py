@@ -1,0 +1,199 @@
+"""The plumbing shared by the EM-type iterations (:class:`~pyro_mm.infer.EM`,
+:class:`~pyro_mm.infer.MirrorDescentEM`, :class:`~pyro_mm.infer.GradientEM`): their whole state is
+the current parameters ``theta_t`` (plain :class:`~pyro_mm.models.params.MoEParams`), and each
+step maps ``theta_t`` to ``theta_{t+1}`` from the E-step on the batch it is given."""
+
+import time
+
+import torch
+
+from ..init import check_enough_rows, kmeans_init
+from ..models.base import MixtureOfExperts
+from ..models.params import MoEParams, tree_leaves, tree_to
+from ..surrogates.mixture import e_step
+from ..surrogates.registry import expert_surrogate_for
+from .batches import iterate_batches
+from .history import FitHistory
+
+__all__ = ["EMLikeInference", "INITS", "positive_number", "positive_integer", "gate_solver_options"]
+
+#: Accepted values of ``init``.
+INITS = ("auto", "kmeans", "kmeans-logistic", "current")
+
+
+def positive_number(name: str, value) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``name`` unless it is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not 0.0 < float(value) < float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def positive_integer(name: str, value) -> int:
+    """``value`` as an int, or a ``ValueError`` naming ``name`` unless it is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def gate_solver_options(gate_ridge, gate_tol, gate_max_iter) -> dict:
+    """Validated keyword arguments of :func:`~pyro_mm.surrogates.exact_gate.exact_gate_m_step`."""
+    if (
+        isinstance(gate_ridge, bool)
+        or not isinstance(gate_ridge, (int, float))
+        or not gate_ridge >= 0
+    ):
+        raise ValueError(f"gate_ridge must be a number >= 0, got {gate_ridge!r}")
+    return {
+        "ridge": float(gate_ridge),
+        "tol": positive_number("gate_tol", gate_tol),
+        "max_iter": positive_integer("gate_max_iter", gate_max_iter),
+    }
+
+
+class EMLikeInference:
+    """Base class: validation, initialisation, the E-step, committing a new iterate, the loss.
+
+    :param MixtureOfExperts model: the model to fit; it is moved to ``dtype``.
+    :param float ridge: ridge on the expert coefficients (relative to each expert's mass).
+    :param float variance_floor: smallest expert variance an expert solve returns.
+    :param str init: ``"auto"`` (K-means on the first batch unless the model is already
+        fitted), ``"kmeans"``, ``"kmeans-logistic"`` (gate from a logistic regression of the
+        cluster labels) or ``"current"`` (the model's parameters).
+    :param int seed: seed of the K-means initialisation.
+    :param torch.dtype dtype: dtype of the parameters and of the computations.
+    """
+
+    #: label of the progress bar.
+    name = "EM"
+
+    def __init__(
+        self,
+        model: MixtureOfExperts,
+        *,
+        ridge: float,
+        variance_floor: float,
+        init: str,
+        seed: int,
+        dtype: torch.dtype,
+    ):
+        if not isinstance(model, MixtureOfExperts):
+            raise TypeError(
+                f"model must be a pyro_mm mixture of experts, got {type(model).__name__}"
+            )
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if not ridge >= 0 or not variance_floor > 0:
+            raise ValueError(
+                f"ridge must be >= 0 and variance_floor > 0, got ridge={ridge!r}, "
+                f"variance_floor={variance_floor!r}"
+            )
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+        self.expert_surrogate = expert_surrogate_for(
+            model, ridge=ridge, variance_floor=variance_floor
+        )
+        self.model = model.to(dtype)
+        self.init = init
+        self.seed = seed
+        self.dtype = dtype
+        #: current iterate ``theta_t`` (``None`` before initialisation).
+        self.params: MoEParams = None
+        #: number of steps taken.
+        self.num_steps = 0
+        #: samples consumed by ``step``.
+        self.samples_seen = 0
+        #: regularisation counters: steps with an empty expert, variances floored, gate M-steps
+        #: that stopped before their gradient tolerance.
+        self.regularisation = {
+            "empty_expert_steps": 0,
+            "floored_variances": 0,
+            "unconverged_gate_steps": 0,
+        }
+        self.history = FitHistory()
+
+    # -------------------------------------------------------------------------------- verbs
+    def initialize(self, x, y) -> None:
+        """Sets ``theta_0`` per ``init`` from a first batch (called by the first step if needed)."""
+        x, y = self._check_batch(x, y)
+        init = self.init
+        if init == "auto":
+            init = "current" if self.model.fitted else "kmeans"
+        if init == "current":
+            params = tree_to(self.model.get_params(), self.dtype)
+        else:
+            check_enough_rows(self.model, x.shape[0])
+            gate = "logistic" if init == "kmeans-logistic" else "zero"
+            params = kmeans_init(
+                self.model, x, y, gate=gate, seed=self.seed, expert_surrogate=self.expert_surrogate
+            )
+        self.params, self.num_steps = params, 0
+        self.model.set_params(params)
+
+    def evaluate_loss(self, x, y) -> float:
+        """Mean negative log-likelihood of ``(x, y)`` at the current estimate (no state change)."""
+        with torch.no_grad():
+            return -self.model.log_prob(x, y).mean().item()
+
+    # --------------------------------------------------------------------------- internals
+    def _check_batch(self, x, y):
+        x = self.model.check_x(x)
+        return x, self.model.check_y(y, x.shape[0])
+
+    def _prepare(self, x, y):
+        """Validates a batch, initialises on the first one, and runs the E-step at ``theta_t``.
+
+        :returns: ``(x, y, u, r, gate_probs, resp, loss)`` with ``loss`` the mean NLL at
+            ``theta_t`` (a 0-d tensor).
+        """
+        x, y = self._check_batch(x, y)
+        if self.params is None:
+            self.initialize(x, y)
+        u, r = self.model.features(x)
+        gate_probs, resp, log_lik = e_step(self.expert_surrogate, self.params, u, r, y)
+        loss = -log_lik.mean()
+        if not torch.isfinite(loss):
+            raise ValueError(
+                "the batch's log-likelihood is not finite at the current parameters "
+                "(values too large for the model's dtype?); the state was left unchanged"
+            )
+        return x, y, u, r, gate_probs, resp, loss
+
+    def _commit(self, params: MoEParams, num_rows: int, report=None, gate_fit=None) -> None:
+        """Makes ``params`` the new iterate and writes it into the model (after checks)."""
+        if not all(bool(torch.isfinite(t).all()) for t in tree_leaves(params)):
+            raise FloatingPointError(
+                f"the {self.name} update produced non-finite parameters; the state was left "
+                f"unchanged (increase the ridge, or lower the step size)"
+            )
+        self.params = params
+        self.num_steps += 1
+        self.samples_seen += num_rows
+        if report is not None:
+            self.regularisation["empty_expert_steps"] += int(bool(report.empty_experts.any()))
+            self.regularisation["floored_variances"] += report.floored_variances
+        if gate_fit is not None and not gate_fit.converged:
+            self.regularisation["unconverged_gate_steps"] += 1
+        self.model.set_params(params)
+
+    def _fit_stream(self, x, y, batch_size, epochs: int, progress: bool) -> FitHistory:
+        """Runs ``step`` over ``iterate_batches(x, y, batch_size, epochs)`` with a progress bar."""
+        from tqdm.auto import tqdm
+
+        batches = iterate_batches(x, y, batch_size, epochs)
+        total = None
+        if y is not None:
+            per_epoch = 1 if batch_size is None else -(-len(x) // batch_size)
+            total = epochs * per_epoch
+        history = FitHistory()
+        start = time.perf_counter()
+        with tqdm(batches, total=total, disable=not progress, desc=self.name) as bar:
+            for x_batch, y_batch in bar:
+                loss = self.step(x_batch, y_batch)
+                history.append(loss, self.samples_seen, time.perf_counter() - start)
+                self.history.append(loss, self.samples_seen, history.wall_time[-1])
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        return history
