@@ -84,6 +84,7 @@ class EMLikeInference:
             raise TypeError(
                 f"model must be a pyro_mm mixture of experts, got {type(model).__name__}"
             )
+        model.require_no_priors(self.name)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if not ridge >= 0 or not variance_floor > 0:
