@@ -73,8 +73,12 @@ class MixtureOfExperts(PyroModule):
         return y
 
     def features(self, x: torch.Tensor):
-        """Gate and expert regressors ``(u(x), r(x))`` of a validated batch."""
-        return self.gate_features(x), self.expert_features(x)
+        """Gate and expert regressors ``(u(x), r(x))`` of a validated batch (one tensor, computed
+        once, when the two feature maps are equal)."""
+        gate_features = self.gate_features(x)
+        if self.expert_features == self.gate_features:
+            return gate_features, gate_features
+        return gate_features, self.expert_features(x)
 
     def get_params(self) -> MoEParams:
         """A detached copy of the current parameters as plain data."""

@@ -41,6 +41,14 @@ class PolynomialFeatures:
             powers.append(powers[-1] * x)
         return torch.cat([ones] + powers, dim=-1)
 
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, PolynomialFeatures):
+            return NotImplemented
+        return (self.in_features, self.degree) == (other.in_features, other.degree)
+
+    def __hash__(self) -> int:
+        return hash((PolynomialFeatures, self.in_features, self.degree))
+
     def __repr__(self) -> str:
         return f"PolynomialFeatures(in_features={self.in_features}, degree={self.degree})"
 

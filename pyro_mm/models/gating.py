@@ -16,5 +16,12 @@ def gate_logits(gate_weight: torch.Tensor, gate_features: torch.Tensor) -> torch
 
 
 def gate_log_probs(gate_weight: torch.Tensor, gate_features: torch.Tensor) -> torch.Tensor:
-    """Log gate probabilities ``log g_k(x)``, shape ``(N, K)``, by log-sum-exp."""
-    return torch.log_softmax(gate_logits(gate_weight, gate_features), dim=-1)
+    """Log gate probabilities ``log g_k(x)``, shape ``(N, K)``, by log-sum-exp.
+
+    Computed expert-major, ``(K, N)``, and returned as its transpose: with few experts the
+    log-sum-exp over ``K`` then runs along contiguous rows of length ``N``, several times
+    faster than a reduction over a short last dimension.
+    """
+    free = gate_weight @ gate_features.transpose(-1, -2)
+    logits = torch.nn.functional.pad(free, (0, 0, 0, 1))
+    return torch.log_softmax(logits, dim=-2).transpose(-1, -2)

@@ -28,10 +28,18 @@ def gaussian_expert_means(weight: torch.Tensor, expert_features: torch.Tensor) -
 def gaussian_expert_log_prob(
     params: GaussianExpertParams, expert_features: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
-    """``log N(y; mu_k(x), diag sigma_k^2)`` for every expert, shape ``(N, K)``."""
-    residual = y.unsqueeze(-2) - gaussian_expert_means(params.weight, expert_features)
+    """``log N(y; mu_k(x), diag sigma_k^2)`` for every expert, shape ``(N, K)``.
+
+    Computed expert-major, ``(K, Q, N)``, and returned as the transpose of a ``(K, N)``
+    tensor, so that the E-step's log-sum-exp over experts runs along contiguous rows.
+    """
+    num_experts, out_features, num_features = params.weight.shape
     variance = params.variance
-    return -0.5 * (_LOG_2PI + variance.log() + residual.square() / variance).sum(-1)
+    means = params.weight.reshape(num_experts * out_features, num_features) @ expert_features.T
+    residual = y.T - means.reshape(num_experts, out_features, -1)
+    scaled = (residual.square_() * (-0.5 / variance).unsqueeze(-1)).sum(-2)
+    normaliser = -0.5 * (_LOG_2PI + variance.log()).sum(-1)
+    return (scaled + normaliser.unsqueeze(-1)).T
 
 
 class GaussianMoE(MixtureOfExperts):

@@ -31,9 +31,13 @@ def e_step(expert_surrogate, params: MoEParams, gate_features, expert_features, 
     """
     log_gate = gate_log_probs(params.gate, gate_features)
     log_joint = log_gate + expert_surrogate.log_prob(params.experts, expert_features, y)
-    log_lik = torch.logsumexp(log_joint, dim=-1)
-    resp = torch.exp(log_joint - log_lik.unsqueeze(-1))
-    return log_gate.exp(), resp, log_lik
+    # One fused log-sum-exp yields both the log-likelihood and the normalised responsibilities;
+    # an infinite row maximum is replaced by 0, as torch.logsumexp does.
+    shift = log_joint.amax(-1, keepdim=True).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    joint = (log_joint - shift).exp()
+    total = joint.sum(-1, keepdim=True)
+    log_lik = (total.log() + shift).squeeze(-1)
+    return log_gate.exp(), joint / total, log_lik
 
 
 def mixture_statistics(

@@ -1,0 +1,175 @@
+"""Checkpoint helpers shared by the inference classes: their state as plain data.
+
+A ``state_dict`` built from these helpers holds only dicts, lists, strings, numbers, ``None`` and
+tensors, so ``torch.save`` writes it and ``torch.load(path)`` (``weights_only=True``, the default)
+reads it back. Dataclass trees of tensors (parameters, statistics) are stored with the name of
+their class; on loading the class is looked up among the modules already imported, never imported,
+so a checkpoint cannot run code.
+"""
+
+import dataclasses
+import sys
+
+import torch
+
+__all__ = [
+    "tree_state",
+    "load_tree_state",
+    "tree_unflatten",
+    "schedule_state",
+    "load_schedule_state",
+    "check_matching_options",
+    "check_tree_shapes",
+]
+
+_DATACLASS_KEY = "__dataclass__"
+
+
+def tree_state(tree):
+    """A detached copy of a tree (dataclasses, dicts, lists of tensors and plain values) as
+    nested dicts that ``torch.load(..., weights_only=True)`` accepts.
+
+    :param tree: a dataclass of tensors (e.g. :class:`~pyro_mm.models.params.MoEParams`),
+        possibly nested, or ``None``.
+    """
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        cls = type(tree)
+        return {
+            _DATACLASS_KEY: f"{cls.__module__}:{cls.__qualname__}",
+            **{f.name: tree_state(getattr(tree, f.name)) for f in dataclasses.fields(tree)},
+        }
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {key: tree_state(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [tree_state(value) for value in tree]
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    raise TypeError(f"cannot store a {type(tree).__name__} in a state dict")
+
+
+def load_tree_state(state):
+    """Inverse of :func:`tree_state`: rebuilds the dataclasses (tensors are cloned).
+
+    :raises ValueError: when a stored dataclass is not defined by an imported module.
+    """
+    if isinstance(state, dict) and _DATACLASS_KEY in state:
+        cls = _imported_dataclass(state[_DATACLASS_KEY])
+        fields = {key: load_tree_state(value) for key, value in state.items()}
+        del fields[_DATACLASS_KEY]
+        return cls(**fields)
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {key: load_tree_state(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [load_tree_state(value) for value in state]
+    return state
+
+
+def _imported_dataclass(name: str) -> type:
+    module_name, _, qualname = name.partition(":")
+    obj = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and dataclasses.is_dataclass(obj)):
+        raise ValueError(
+            f"the state refers to the dataclass {name!r}, which no imported module defines; "
+            f"import the module that defines it before loading"
+        )
+    return obj
+
+
+def tree_unflatten(template, leaves):
+    """A tree shaped like ``template`` whose tensors are taken in order from ``leaves`` (the
+    inverse of :func:`~pyro_mm.models.params.tree_leaves`)."""
+    leaves = iter(leaves)
+
+    def rebuild(node):
+        if dataclasses.is_dataclass(node):
+            return dataclasses.replace(
+                node, **{f.name: rebuild(getattr(node, f.name)) for f in dataclasses.fields(node)}
+            )
+        return None if node is None else next(leaves)
+
+    return rebuild(template)
+
+
+def check_tree_shapes(name: str, stored, expected) -> None:
+    """Raises ``ValueError`` when two trees differ in structure, shapes or dtypes.
+
+    :param str name: what the trees are, for the message.
+    """
+    if dataclasses.is_dataclass(expected) or dataclasses.is_dataclass(stored):
+        if type(stored) is not type(expected):
+            raise ValueError(
+                f"{name} is a {type(stored).__name__} in the state, "
+                f"expected a {type(expected).__name__}"
+            )
+        for f in dataclasses.fields(expected):
+            check_tree_shapes(
+                f"{name}.{f.name}", getattr(stored, f.name), getattr(expected, f.name)
+            )
+        return
+    if (stored is None) != (expected is None):
+        raise ValueError(f"{name} is {'missing' if stored is None else 'unexpected'} in the state")
+    if stored is not None and (stored.shape != expected.shape or stored.dtype != expected.dtype):
+        raise ValueError(
+            f"{name} has shape {tuple(stored.shape)} and dtype {stored.dtype} in the state, "
+            f"expected {tuple(expected.shape)} and {expected.dtype}"
+        )
+
+
+def schedule_state(schedule):
+    """The class and parameters of a step-size schedule, or ``None`` when it has neither a
+    ``state_dict`` method nor only plain-number attributes (e.g. a ``lambda``: then the schedule
+    given to the constructor is kept on loading, and must be the same for an exact resume)."""
+    cls = type(schedule)
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    if hasattr(schedule, "state_dict"):
+        return {"class": name, "state": schedule.state_dict()}
+    attributes = getattr(schedule, "__dict__", None)
+    if not attributes or not all(
+        isinstance(value, (bool, int, float, str)) for value in attributes.values()
+    ):
+        return None
+    return {"class": name, "params": dict(attributes)}
+
+
+def load_schedule_state(current, state):
+    """The schedule described by ``state`` (see :func:`schedule_state`); ``current`` when
+    ``state`` is ``None`` or describes ``current`` already.
+
+    Schedules are rebuilt as ``cls(**params)``: their attributes must be their constructor's
+    arguments, as for :class:`~pyro_mm.infer.schedules.PowerDecay`.
+    """
+    if state is None:
+        return current
+    module_name, _, qualname = state["class"].partition(":")
+    cls = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"the state's schedule class {state['class']!r} is not imported")
+    if "state" in state:
+        schedule = current if type(current) is cls else cls()
+        schedule.load_state_dict(state["state"])
+        return schedule
+    if type(current) is cls and vars(current) == state["params"]:
+        return current
+    return cls(**state["params"])
+
+
+def check_matching_options(owner: str, stored: dict, current: dict) -> None:
+    """Raises ``ValueError`` naming every option that differs between a state and its loader."""
+    differences = [
+        f"{key}={stored.get(key)!r} in the state but {current.get(key)!r} here"
+        for key in sorted(set(stored) | set(current))
+        if stored.get(key) != current.get(key)
+    ]
+    if differences:
+        raise ValueError(
+            f"this state was saved by a {owner} built differently: {'; '.join(differences)}; "
+            f"construct it with the same options (and model) before loading"
+        )
