@@ -10,6 +10,7 @@ import itertools
 
 import torch
 
+from .metrics_voronoi import voronoi_loss
 from .models.params import MoEParams, tree_leaves, tree_map
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "parameter_error",
     "regression_errors",
     "evaluate_fit",
+    "voronoi_loss",
 ]
 
 
