@@ -170,6 +170,6 @@ def check_matching_options(owner: str, stored: dict, current: dict) -> None:
     ]
     if differences:
         raise ValueError(
-            f"this state was saved by a {owner} built differently: {'; '.join(differences)}; "
-            f"construct it with the same options (and model) before loading"
+            f"the state does not match this {owner}: {'; '.join(differences)}; construct it "
+            f"with the options (and model) the state was saved with before loading"
         )
