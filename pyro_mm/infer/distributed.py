@@ -35,7 +35,13 @@ import torch
 from ..models.params import tree_leaves
 from .state import tree_unflatten
 
-__all__ = ["ReducedBatch", "resolve_process_group", "all_reduce_batch", "broadcast_tree"]
+__all__ = [
+    "ReducedBatch",
+    "resolve_process_group",
+    "all_reduce_batch",
+    "agree_on_failure",
+    "broadcast_tree",
+]
 
 
 def resolve_process_group(process_group):
@@ -102,13 +108,8 @@ def all_reduce_batch(group, statistics, template, log_lik_sum, num_rows: int) ->
     log_lik_total, rows, failures = buffer[-3:].tolist()
     if failures:
         return ReducedBatch(None, log_lik_total, int(rows), int(failures))
-    averaged = []
-    offset = 0
-    for leaf in leaves:
-        size = leaf.numel()
-        averaged.append((buffer[offset : offset + size] / rows).reshape(leaf.shape).to(leaf.dtype))
-        offset += size
-    return ReducedBatch(tree_unflatten(source, averaged), log_lik_total, int(rows), 0)
+    averaged = tree_unflatten(source, _split(buffer[:-3] / rows, leaves))
+    return ReducedBatch(averaged, log_lik_total, int(rows), 0)
 
 
 def agree_on_failure(group, failed: bool) -> int:
@@ -131,10 +132,10 @@ def broadcast_tree(group, tree):
     leaves = tree_leaves(tree)
     buffer = torch.cat([leaf.reshape(-1).double() for leaf in leaves])
     dist.broadcast(buffer, src=dist.get_global_rank(group, 0), group=group)
-    received = []
-    offset = 0
-    for leaf in leaves:
-        size = leaf.numel()
-        received.append(buffer[offset : offset + size].reshape(leaf.shape).to(leaf.dtype))
-        offset += size
-    return tree_unflatten(tree, received)
+    return tree_unflatten(tree, _split(buffer, leaves))
+
+
+def _split(buffer: torch.Tensor, leaves) -> list:
+    """The consecutive pieces of a flat float64 ``buffer`` shaped and typed like ``leaves``."""
+    pieces = buffer.split([leaf.numel() for leaf in leaves])
+    return [piece.reshape(leaf.shape).to(leaf.dtype) for piece, leaf in zip(pieces, leaves)]
