@@ -10,7 +10,7 @@ from .infer import (
     MirrorDescentEM,
     PowerDecay,
 )
-from .models import GaussianMoE, MoEParams, PolynomialFeatures
+from .models import GaussianMoE, MoEParams, MultinomialMoE, PolynomialFeatures
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "IncrementalMM",
     "MirrorDescentEM",
     "MoEParams",
+    "MultinomialMoE",
     "PolynomialFeatures",
     "PowerDecay",
     "__version__",

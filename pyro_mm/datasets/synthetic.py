@@ -1,4 +1,4 @@
-"""Seeded synthetic data from softmax-gated Gaussian mixtures of experts.
+"""Seeded synthetic data from softmax-gated mixtures of experts (Gaussian and multinomial).
 
 Every generator here is written down exactly (the papers under-specify theirs), draws all its
 randomness from one ``torch.Generator`` seeded by ``seed``, and returns the true parameters.
@@ -7,9 +7,17 @@ randomness from one ``torch.Generator`` seeded by ``seed``, and returns the true
 import torch
 
 from ..models.gaussian_moe import GaussianMoE
-from ..models.params import GaussianExpertParams, MoEParams
+from ..models.multinomial_moe import MultinomialMoE
+from ..models.params import GaussianExpertParams, MoEParams, MultinomialExpertParams
 
-__all__ = ["gaussian_moe_truth", "sample_gaussian_moe", "gaussian_moe_stream"]
+__all__ = [
+    "gaussian_moe_truth",
+    "sample_gaussian_moe",
+    "gaussian_moe_stream",
+    "multinomial_moe_truth",
+    "sample_multinomial_moe",
+    "multinomial_moe_stream",
+]
 
 
 def gaussian_moe_truth(
@@ -71,4 +79,66 @@ def gaussian_moe_stream(
     index = 0
     while num_batches is None or index < num_batches:
         yield sample_gaussian_moe(truth, batch_size, seed=seed * 1_000_003 + index)
+        index += 1
+
+
+def multinomial_moe_truth(
+    num_experts: int = 2,
+    in_features: int = 2,
+    num_classes: int = 3,
+    *,
+    gate_norm: float = 3.0,
+    expert_scale: float = 2.0,
+    seed: int = 0,
+) -> MoEParams:
+    r"""True parameters of a linear (degree 1) multinomial-logistic MoE, drawn as follows:
+
+    * gate: as in :func:`gaussian_moe_truth`, for each non-reference expert ``k < K``,
+      intercept ``0`` and slope ``gate_norm * a_k / ||a_k||`` with ``a_k ~ N(0, I_P)``;
+    * experts: every coefficient (intercept and slopes) of the ``M - 1`` free classes
+      ``~ N(0, expert_scale^2)``; class ``M`` is each expert's reference (zero weights).
+
+    The gate draws come first from the generator, then the expert weights in
+    ``(K, M - 1, P + 1)`` row-major order.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    slopes = torch.randn(num_experts - 1, in_features, generator=generator, dtype=torch.float64)
+    slopes = gate_norm * slopes / slopes.norm(dim=-1, keepdim=True)
+    gate = torch.cat([torch.zeros(num_experts - 1, 1, dtype=torch.float64), slopes], dim=-1)
+    weight = expert_scale * torch.randn(
+        num_experts, num_classes - 1, in_features + 1, generator=generator, dtype=torch.float64
+    )
+    return MoEParams(gate=gate, experts=MultinomialExpertParams(weight=weight))
+
+
+def sample_multinomial_moe(truth: MoEParams, num_samples: int, *, seed: int = 0, model=None):
+    """Draws ``x ~ N(0, I_P)``, then per row an expert ``z ~ g(x)`` and a label
+    ``y ~ e_z(. | x)`` (see :meth:`MultinomialMoE.sample`), all from one generator.
+
+    :param MoEParams truth: parameters of a linear multinomial MoE (or of ``model``'s features).
+    :param int num_samples: rows to draw.
+    :param int seed: seed of the draws.
+    :param MultinomialMoE model: model whose features match ``truth`` (default: degree 1).
+    :returns: ``(x, y)``: float64 inputs ``(N, P)`` and int64 labels ``(N,)``.
+    """
+    num_experts, num_free, _ = truth.experts.weight.shape
+    if model is None:
+        in_features = truth.gate.shape[1] - 1
+        model = MultinomialMoE(num_experts, in_features, num_free + 1).double()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, model.in_features, generator=generator, dtype=torch.float64)
+    y, _ = model.sample(x, truth, generator=generator)
+    return x, y
+
+
+def multinomial_moe_stream(
+    truth: MoEParams, batch_size: int, num_batches: int = None, *, seed: int = 0
+):
+    """An endless (or ``num_batches``-long) stream of ``(x, y)`` batches drawn from ``truth``.
+
+    Batch ``i`` uses seed ``seed * 1_000_003 + i``, so a stream can be replayed exactly.
+    """
+    index = 0
+    while num_batches is None or index < num_batches:
+        yield sample_multinomial_moe(truth, batch_size, seed=seed * 1_000_003 + index)
         index += 1

@@ -3,7 +3,8 @@
 from .base import MixtureOfExperts
 from .features import CallableFeatures, PolynomialFeatures
 from .gaussian_moe import GaussianMoE
-from .params import GaussianExpertParams, MoEParams
+from .multinomial_moe import MultinomialMoE
+from .params import GaussianExpertParams, MoEParams, MultinomialExpertParams
 
 __all__ = [
     "CallableFeatures",
@@ -11,5 +12,7 @@ __all__ = [
     "GaussianMoE",
     "MixtureOfExperts",
     "MoEParams",
+    "MultinomialExpertParams",
+    "MultinomialMoE",
     "PolynomialFeatures",
 ]

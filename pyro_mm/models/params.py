@@ -6,7 +6,14 @@ from typing import Callable
 
 import torch
 
-__all__ = ["MoEParams", "GaussianExpertParams", "tree_map", "tree_leaves", "tree_to"]
+__all__ = [
+    "MoEParams",
+    "GaussianExpertParams",
+    "MultinomialExpertParams",
+    "tree_map",
+    "tree_leaves",
+    "tree_to",
+]
 
 
 def tree_map(fn: Callable, tree, *rest):
@@ -49,6 +56,17 @@ class GaussianExpertParams:
 
     weight: torch.Tensor
     variance: torch.Tensor
+
+
+@dataclasses.dataclass
+class MultinomialExpertParams:
+    """Parameters of ``K`` multinomial-logistic (softmax regression) classification experts.
+
+    :ivar torch.Tensor weight: ``(K, M - 1, D_e)`` coefficients ``v_{m,k}`` of the first
+        ``M - 1`` classes; class ``M`` is each expert's reference with zero weights.
+    """
+
+    weight: torch.Tensor
 
 
 @dataclasses.dataclass

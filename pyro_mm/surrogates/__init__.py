@@ -9,9 +9,21 @@ from .gaussian_expert import (
     solve_gaussian_experts,
 )
 from .mixture import MoEStatistics, e_step, mixture_statistics, solve_mixture
+from .multinomial_expert import (
+    MultinomialExpertStatistics,
+    MultinomialExpertSurrogate,
+    multinomial_expert_statistics,
+    multinomial_expert_surrogate_value,
+    solve_multinomial_experts,
+)
 from .registry import expert_surrogate_for, register_expert_surrogate
 from .report import SolveReport
-from .softmax_bound import SOFTMAX_BOUNDS, softmax_curvature, solve_kronecker
+from .softmax_bound import (
+    SOFTMAX_BOUNDS,
+    kronecker_quadratic_value,
+    softmax_curvature,
+    solve_kronecker,
+)
 from .softmax_regression import (
     SoftmaxRegressionResult,
     fit_softmax_regression,
@@ -23,6 +35,8 @@ __all__ = [
     "GaussianExpertStatistics",
     "GaussianExpertSurrogate",
     "MoEStatistics",
+    "MultinomialExpertStatistics",
+    "MultinomialExpertSurrogate",
     "SOFTMAX_BOUNDS",
     "SoftmaxRegressionResult",
     "SolveReport",
@@ -33,7 +47,10 @@ __all__ = [
     "gate_surrogate_value",
     "gaussian_expert_statistics",
     "gaussian_expert_surrogate_value",
+    "kronecker_quadratic_value",
     "mixture_statistics",
+    "multinomial_expert_statistics",
+    "multinomial_expert_surrogate_value",
     "register_expert_surrogate",
     "softmax_curvature",
     "softmax_regression_loss",
@@ -41,4 +58,5 @@ __all__ = [
     "solve_gaussian_experts",
     "solve_kronecker",
     "solve_mixture",
+    "solve_multinomial_experts",
 ]

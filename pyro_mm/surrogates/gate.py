@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from .softmax_bound import solve_kronecker
+from .softmax_bound import kronecker_quadratic_value, solve_kronecker
 
 __all__ = ["GateStatistics", "gate_statistics", "solve_gate", "gate_surrogate_value"]
 
@@ -65,6 +65,4 @@ def gate_surrogate_value(
     gate_weight: torch.Tensor, stats: GateStatistics, curvature: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """The gate surrogate ``1/2 omega^T avg(B) omega - <linear, omega>`` (up to a constant)."""
-    quadratic = (gate_weight * (curvature @ gate_weight @ stats.gram)).sum()
-    quadratic = quadratic + eps * gate_weight.square().sum()
-    return 0.5 * quadratic - (stats.linear * gate_weight).sum()
+    return kronecker_quadratic_value(curvature, stats.gram, eps, stats.linear, gate_weight)

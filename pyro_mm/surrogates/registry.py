@@ -6,7 +6,9 @@ pair with :func:`register_expert_surrogate`; no inference code changes.
 
 from ..models.base import MixtureOfExperts
 from ..models.gaussian_moe import GaussianMoE
+from ..models.multinomial_moe import MultinomialMoE
 from .gaussian_expert import GaussianExpertSurrogate
+from .multinomial_expert import MultinomialExpertSurrogate
 
 __all__ = ["register_expert_surrogate", "expert_surrogate_for"]
 
@@ -30,3 +32,4 @@ def expert_surrogate_for(model: MixtureOfExperts, **options):
 
 
 register_expert_surrogate(GaussianMoE, GaussianExpertSurrogate)
+register_expert_surrogate(MultinomialMoE, MultinomialExpertSurrogate)

@@ -8,7 +8,7 @@ and with linear logits ``eta = W u`` the Hessian in ``vec(W)`` is bounded by ``C
 
 import torch
 
-__all__ = ["SOFTMAX_BOUNDS", "softmax_curvature", "solve_kronecker"]
+__all__ = ["SOFTMAX_BOUNDS", "softmax_curvature", "solve_kronecker", "kronecker_quadratic_value"]
 
 #: Names of the available curvature bounds.
 SOFTMAX_BOUNDS = ("bohning", "paper")
@@ -46,15 +46,35 @@ def solve_kronecker(
     ``W = U [(U^T rhs V) / (a_i b_j + shift)] V^T``. Cost ``O(m^3 + d^3)`` instead of
     ``O(m^3 d^3)``.
 
+    Batched over leading dimensions of ``right``, ``rhs`` and ``shift`` (one system per
+    expert, sharing ``left``).
+
     :param torch.Tensor left: symmetric ``(m, m)`` matrix.
-    :param torch.Tensor right: symmetric PSD ``(d, d)`` matrix.
-    :param float shift: non-negative diagonal shift (keeps the system definite).
-    :param torch.Tensor rhs: ``(m, d)`` right-hand side.
+    :param torch.Tensor right: symmetric PSD ``(..., d, d)`` matrix.
+    :param shift: non-negative diagonal shift (keeps the system definite), a float or a tensor
+        of the batch shape ``(...)``.
+    :param torch.Tensor rhs: ``(..., m, d)`` right-hand side.
     """
     left_values, left_vectors = torch.linalg.eigh(left)
     right_values, right_vectors = torch.linalg.eigh(right)
     # A Gram matrix can come out of eigh with tiny negative eigenvalues: clamp them to zero.
     right_values = right_values.clamp_min(0.0)
-    denominator = left_values.unsqueeze(-1) * right_values + shift
+    shift = torch.as_tensor(shift, dtype=rhs.dtype, device=rhs.device)[..., None, None]
+    denominator = left_values.unsqueeze(-1) * right_values.unsqueeze(-2) + shift
     rotated = left_vectors.T @ rhs @ right_vectors
-    return left_vectors @ (rotated / denominator) @ right_vectors.T
+    return left_vectors @ (rotated / denominator) @ right_vectors.transpose(-1, -2)
+
+
+def kronecker_quadratic_value(
+    left: torch.Tensor, right: torch.Tensor, shift, rhs: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    r"""The quadratic ``1/2 vec(W)^T (left (x) right + shift I) vec(W) - <rhs, W>`` whose
+    minimiser is :func:`solve_kronecker` ``(left, right, shift, rhs)``, summed over the batch.
+
+    :param torch.Tensor weight: ``(..., m, d)`` the point ``W`` to evaluate at; the other
+        arguments as in :func:`solve_kronecker`.
+    """
+    shift = torch.as_tensor(shift, dtype=weight.dtype, device=weight.device)
+    quadratic = (weight * (left @ weight @ right)).sum((-2, -1))
+    quadratic = quadratic + shift * weight.square().sum((-2, -1))
+    return (0.5 * quadratic - (rhs * weight).sum((-2, -1))).sum()

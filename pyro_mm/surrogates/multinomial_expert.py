@@ -1,0 +1,197 @@
+r"""The multinomial-logistic expert block of the MM surrogate (paper Section 4.2.2, Appendix A.7).
+
+Given responsibilities ``tau``, the expert part of the negative log-likelihood is
+``sum_k tau_k [lse(V_k r) - t^T V_k r]`` with ``t`` the one-hot label of the ``M - 1`` free
+classes and ``lse(eta) = log(1 + sum_{m<M} exp(eta_m))``. Each expert's log-partition is
+majorised at the current ``V_k^n`` by the same quadratic bound as the gate
+(:mod:`~pyro_mm.surrogates.softmax_bound`), with curvature ``tau_k C (x) r r^T``. Up to a
+constant the surrogate of expert ``k`` is
+
+.. math:: \tfrac12 \mathrm{vec}(V_k)^\top (C \otimes G_k + \lambda I)\,\mathrm{vec}(V_k)
+          - \langle L_k, V_k \rangle,
+          \qquad G_k = \overline{\tau_k r r^\top},
+          \quad L_k = C V_k^n G_k + \overline{\tau_k (t - p_k) r^\top},
+
+(bars are batch averages, ``p_k`` the expert's class probabilities at ``V_k^n``), so the
+statistics are ``avg tau_k`` ``(K,)``, the Gram matrices ``G_k`` ``(K, D, D)`` and the linear
+terms ``L_k`` ``(K, M-1, D)``: the paper's ``s_3, s_4`` without the ``(M-1) D``-square blocks.
+The argmin is one Kronecker-structured solve per expert, batched.
+
+A ridge ``lambda`` adds ``lambda/2 sum_k ||V_k||^2`` to the mean negative log-likelihood (a
+Gaussian prior; a linearly separable expert has no finite maximum-likelihood estimate). Unlike
+the Gaussian experts' ridge it is absolute, not relative to each expert's mass, so that MM and the
+exact EM M-step both decrease one fixed penalised objective and share its stationary points.
+"""
+
+import dataclasses
+
+import torch
+
+from ..models.multinomial_moe import multinomial_expert_log_prob, multinomial_expert_logits
+from ..models.params import MultinomialExpertParams
+from .report import SolveReport
+from .softmax_bound import (
+    SOFTMAX_BOUNDS,
+    kronecker_quadratic_value,
+    softmax_curvature,
+    solve_kronecker,
+)
+from .softmax_regression import fit_softmax_regression
+
+__all__ = [
+    "MultinomialExpertStatistics",
+    "MultinomialExpertSurrogate",
+    "multinomial_expert_statistics",
+    "solve_multinomial_experts",
+    "multinomial_expert_surrogate_value",
+]
+
+
+@dataclasses.dataclass
+class MultinomialExpertStatistics:
+    """Averaged sufficient statistics of ``K`` multinomial-logistic experts.
+
+    :ivar torch.Tensor weight: ``(K,)`` ``avg tau_k``.
+    :ivar torch.Tensor gram: ``(K, D, D)`` ``avg tau_k r r^T``.
+    :ivar torch.Tensor linear: ``(K, M - 1, D)`` ``avg [tau_k C V_k^n r r^T + tau_k (t - p_k) r^T]``.
+    """
+
+    weight: torch.Tensor
+    gram: torch.Tensor
+    linear: torch.Tensor
+
+
+def multinomial_expert_statistics(
+    expert_params: MultinomialExpertParams,
+    expert_features: torch.Tensor,
+    y: torch.Tensor,
+    resp: torch.Tensor,
+    curvature: torch.Tensor,
+) -> MultinomialExpertStatistics:
+    """Batch averages of the expert statistics at the expansion point ``expert_params``
+    (einsums batched over experts, no per-expert loop).
+
+    :param MultinomialExpertParams expert_params: current experts ``V^n``.
+    :param torch.Tensor expert_features: ``(N, D)`` regressors ``r(x)``.
+    :param torch.Tensor y: ``(N,)`` integer labels.
+    :param torch.Tensor resp: ``(N, K)`` responsibilities ``tau`` at ``theta_n``.
+    :param torch.Tensor curvature: ``(M - 1, M - 1)`` softmax curvature bound ``C``.
+    """
+    num_rows = expert_features.shape[0]
+    weight = expert_params.weight
+    num_classes = weight.shape[1] + 1
+    probs = torch.softmax(multinomial_expert_logits(weight, expert_features), -1)[..., :-1]
+    targets = torch.nn.functional.one_hot(y, num_classes)[:, :-1].to(probs.dtype)
+    residual = resp.unsqueeze(-1) * (targets.unsqueeze(-2) - probs)
+    gram = torch.einsum("nk,nd,ne->kde", resp, expert_features, expert_features) / num_rows
+    linear = torch.einsum("nkm,nd->kmd", residual, expert_features) / num_rows
+    return MultinomialExpertStatistics(
+        weight=resp.mean(0), gram=gram, linear=linear + curvature @ weight @ gram
+    )
+
+
+def solve_multinomial_experts(
+    stats: MultinomialExpertStatistics,
+    previous: MultinomialExpertParams,
+    curvature: torch.Tensor,
+    ridge: float = 1e-8,
+    min_weight: float = 1e-8,
+):
+    r"""Closed-form argmin ``vec(V_k) = (C (x) G_k + lambda I)^{-1} vec(L_k)``, batched.
+
+    :param MultinomialExpertStatistics stats: averaged statistics.
+    :param MultinomialExpertParams previous: parameters kept for experts with no data.
+    :param torch.Tensor curvature: ``(M - 1, M - 1)`` softmax curvature bound ``C``.
+    :param float ridge: ``lambda > 0``, the penalty ``lambda/2 ||V_k||^2`` per expert.
+    :param float min_weight: experts with ``avg tau_k`` below this keep ``previous``.
+    :returns: ``(MultinomialExpertParams, SolveReport)``.
+    """
+    empty = stats.weight < min_weight
+    weight = solve_kronecker(curvature, stats.gram, ridge, stats.linear)
+    weight = torch.where(empty[:, None, None], previous.weight, weight)
+    return MultinomialExpertParams(weight=weight), SolveReport(empty_experts=empty)
+
+
+def multinomial_expert_surrogate_value(
+    params: MultinomialExpertParams,
+    stats: MultinomialExpertStatistics,
+    curvature: torch.Tensor,
+    ridge: float = 0.0,
+) -> torch.Tensor:
+    """The expert surrogate (up to a constant) from statistics, summed over experts, including
+    the ridge penalty; its minimiser over ``params`` is :func:`solve_multinomial_experts`."""
+    return kronecker_quadratic_value(curvature, stats.gram, ridge, stats.linear, params.weight)
+
+
+class MultinomialExpertSurrogate:
+    """The multinomial-logistic expert block as the inference classes use it.
+
+    :param float ridge: the penalty ``ridge/2 sum_k ||V_k||^2`` added to the mean negative
+        log-likelihood; must be positive (a linearly separable expert has no finite
+        maximum-likelihood estimate).
+    :param float variance_floor: accepted for a uniform construction by the inference classes
+        and ignored (these experts have no variance).
+    :param float min_weight: responsibility mass below which an expert counts as empty.
+    :param str bound: curvature bound of the experts' softmax, ``"bohning"`` or ``"paper"``.
+    """
+
+    def __init__(
+        self,
+        ridge: float = 1e-8,
+        variance_floor: float = None,
+        min_weight: float = 1e-8,
+        bound: str = "bohning",
+    ):
+        if not ridge > 0:
+            raise ValueError(
+                f"multinomial experts need ridge > 0 (a linearly separable expert has no finite "
+                f"maximum-likelihood estimate), got ridge={ridge!r}"
+            )
+        if bound not in SOFTMAX_BOUNDS:
+            raise ValueError(f"unknown softmax bound {bound!r}; choose one of {SOFTMAX_BOUNDS}")
+        self.ridge = float(ridge)
+        self.min_weight = min_weight
+        self.bound = bound
+
+    log_prob = staticmethod(multinomial_expert_log_prob)
+
+    def curvature(self, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+        """The ``(M - 1, M - 1)`` curvature bound ``C`` for ``num_classes = M``."""
+        return softmax_curvature(num_classes - 1, self.bound, dtype)
+
+    def statistics(self, expert_params, expert_features, y, resp) -> MultinomialExpertStatistics:
+        weight = expert_params.weight
+        curvature = self.curvature(weight.shape[1] + 1, weight.dtype)
+        return multinomial_expert_statistics(expert_params, expert_features, y, resp, curvature)
+
+    def solve(self, stats: MultinomialExpertStatistics, previous: MultinomialExpertParams):
+        curvature = self.curvature(stats.linear.shape[1] + 1, stats.linear.dtype)
+        return solve_multinomial_experts(stats, previous, curvature, self.ridge, self.min_weight)
+
+    def exact_m_step(self, previous: MultinomialExpertParams, expert_features, y, resp):
+        """The exact EM M-step: per expert, a weighted softmax regression (Newton) with weights
+        ``tau_k`` and the same ridge as :meth:`solve`; empty experts keep ``previous``.
+
+        :returns: ``(MultinomialExpertParams, SolveReport)``.
+        """
+        num_classes = previous.weight.shape[1] + 1
+        targets = torch.nn.functional.one_hot(y, num_classes).to(expert_features.dtype)
+        mass = resp.mean(0)
+        empty = mass < self.min_weight
+        weight = previous.weight.clone()
+        for k in torch.nonzero(~empty).flatten().tolist():
+            fit = fit_softmax_regression(
+                expert_features,
+                targets,
+                sample_weight=resp[:, k],
+                init=previous.weight[k],
+                ridge=self.ridge,
+            )
+            weight[k] = fit.weight
+        return MultinomialExpertParams(weight=weight), SolveReport(empty_experts=empty)
+
+    def value(
+        self, params: MultinomialExpertParams, stats: MultinomialExpertStatistics
+    ) -> torch.Tensor:
+        curvature = self.curvature(stats.linear.shape[1] + 1, stats.linear.dtype)
+        return multinomial_expert_surrogate_value(params, stats, curvature, self.ridge)
