@@ -9,18 +9,30 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoDelta
 
-from pyro_mm import ConstantStep, IncrementalMM, MultinomialMoE
+from pyro_mm import (
+    EM,
+    ConstantStep,
+    GradientEM,
+    IncrementalMM,
+    MirrorDescentEM,
+    MultinomialMoE,
+    PowerDecay,
+)
 from pyro_mm.datasets.synthetic import (
     multinomial_moe_stream,
     multinomial_moe_truth,
     sample_multinomial_moe,
 )
+from pyro_mm.infer.svi_fit import SVIFit
+from pyro_mm.init import kmeans_init
 from pyro_mm.metrics import parameter_error
 from pyro_mm.models.features import PolynomialFeatures
 from pyro_mm.models.gating import gate_log_probs
 from pyro_mm.models.multinomial_moe import multinomial_expert_log_prob
 from pyro_mm.models.params import MoEParams, MultinomialExpertParams, tree_map
+from pyro_mm.models.priors import MoEPriors
 from pyro_mm.surrogates import (
     MultinomialExpertSurrogate,
     expert_surrogate_for,
@@ -416,3 +428,123 @@ def test_incremental_mm_recovers_seeded_parameters_closely_on_a_long_stream():
     _, error, excess = _perturbed_truth_fit(truth, 4000)
     assert error < 0.1
     assert excess < 0.001
+
+
+def _classification_data(num_samples=600, seed=3):
+    truth = multinomial_moe_truth(3, 2, 4, seed=seed)
+    return sample_multinomial_moe(truth, num_samples, seed=seed + 1)
+
+
+def test_em_decreases_the_penalised_nll_monotonically():
+    x, y = _classification_data()
+    ridge = 1e-3
+    model = MultinomialMoE(3, 2, 4).double()
+    em = EM(model, ridge=ridge, init="current")
+    values = [_penalised_nll(model, x, y, ridge)]
+    for _ in range(15):
+        em.step(x, y)
+        values.append(_penalised_nll(model, x, y, ridge))
+    assert np.diff(values).max() <= 1e-10
+    assert values[-1] < values[0] - 0.1
+    # EM's exact M-steps make far more progress per iteration than one MM step each.
+    mm_model = MultinomialMoE(3, 2, 4).double()
+    mm = IncrementalMM(mm_model, schedule=ConstantStep(1.0), ridge=ridge, init="current")
+    for _ in range(15):
+        mm.step(x, y)
+    assert values[-1] < _penalised_nll(mm_model, x, y, ridge)
+
+
+@pytest.mark.parametrize("step_size", [1.0, 0.5])
+def test_mirror_descent_em_decreases_the_penalised_nll_monotonically(step_size):
+    """Its expert update is one quadratic-bound step on the mirror-descent objective (the mixed
+    mean/observed statistics), still a descent step."""
+    x, y = _classification_data()
+    ridge = 1e-3
+    model = MultinomialMoE(3, 2, 4).double()
+    md = MirrorDescentEM(model, step_size=step_size, ridge=ridge, init="current")
+    values = [_penalised_nll(model, x, y, ridge)]
+    for _ in range(15):
+        md.step(x, y)
+        values.append(_penalised_nll(model, x, y, ridge))
+    assert np.diff(values).max() <= 1e-10
+    assert values[-1] < values[0] - 0.05
+
+
+def test_mean_statistics_mixed_with_the_observed_ones_bound_the_mirror_descent_objective():
+    """``(1 - eta) mean + eta observed`` statistics represent (up to a constant) the quadratic
+    bound of the weighted soft-label softmax regression with weights ``(1 - eta) g + eta tau``
+    and targets ``[(1 - eta) g p + eta tau t] / weight``: it touches and majorises it."""
+    generator, u, r, y, anchor = _setup(8, 3, 2, 4, 1, num_rows=80)
+    tau = torch.softmax(torch.randn(80, 3, generator=generator, dtype=torch.float64), -1)
+    gate = torch.softmax(torch.randn(80, 3, generator=generator, dtype=torch.float64), -1)
+    eta = 0.3
+    block = MultinomialExpertSurrogate(ridge=1e-3)
+    mixed = tree_map(
+        lambda mean, observed: (1 - eta) * mean + eta * observed,
+        block.mean_statistics(anchor.experts, r, gate),
+        block.statistics(anchor.experts, r, y, tau),
+    )
+    probs = torch.softmax(
+        torch.nn.functional.pad(torch.einsum("kmd,nd->nkm", anchor.experts.weight, r), (0, 1)), -1
+    )
+    onehot = torch.nn.functional.one_hot(y, 4).double()
+    row_weight = (1 - eta) * gate + eta * tau
+
+    def objective(weight):
+        total = 0.5 * block.ridge * weight.square().sum()
+        for k in range(3):
+            targets = (1 - eta) * gate[:, k, None] * probs[:, k] + eta * tau[:, k, None] * onehot
+            targets = targets / row_weight[:, k, None]
+            total = total + softmax_regression_loss(weight[k], r, targets, row_weight[:, k])
+        return total
+
+    def value(weight):
+        return block.value(MultinomialExpertParams(weight), mixed)
+
+    base = anchor.experts.weight
+    for scale in (0.1, 1.0, 3.0):
+        point = base + scale * torch.randn(base.shape, generator=generator, dtype=torch.float64)
+        assert (value(point) - value(base)) - (objective(point) - objective(base)) >= -1e-12
+    leaf = base.clone().requires_grad_()
+    (value_grad,) = torch.autograd.grad(value(leaf), leaf)
+    (objective_grad,) = torch.autograd.grad(objective(leaf), leaf)
+    assert torch.allclose(value_grad, objective_grad, atol=1e-13)
+
+
+_FITTERS = {
+    "IncrementalMM": lambda model: IncrementalMM(model, ridge=1e-4, init="current"),
+    "MirrorDescentEM": lambda model: MirrorDescentEM(
+        model, PowerDecay(1.0, 0.6), ridge=1e-4, init="current"
+    ),
+    "GradientEM": lambda model: GradientEM(
+        model, lr_gate=0.5, lr_experts=0.5, ridge=1e-4, init="current"
+    ),
+    "SVIFit": lambda model: SVIFit(
+        model, optim=torch.optim.Adam, optim_args={"lr": 0.05}, init="current"
+    ),
+    "SVIFit-MAP": lambda model: SVIFit(
+        model, AutoDelta, optim=torch.optim.Adam, optim_args={"lr": 0.05}, init="current"
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_FITTERS) + ["EM"])
+def test_every_inference_class_fits_the_model_unchanged(method):
+    """Each inference class, unchanged, fits MultinomialMoE from one K-means start (the one-hot
+    labels are K-means' view of y) and improves the held-out NLL on the start's."""
+    truth = multinomial_moe_truth(3, 2, 4, seed=3)
+    x, y = sample_multinomial_moe(truth, 2000, seed=4)
+    x_test, y_test = sample_multinomial_moe(truth, 2000, seed=5)
+    priors = MoEPriors() if method == "SVIFit-MAP" else None
+    model = MultinomialMoE(3, 2, 4, priors=priors).double()
+    model.set_params(kmeans_init(model, x[:500], y[:500], seed=0))
+    initial = -model.log_prob(x_test, y_test).mean().item()
+    if method == "EM":
+        em = EM(model, ridge=1e-4, init="current")
+        em.fit(x, y, max_iter=50, tol=1e-3, progress=False)
+        assert em.converged
+    else:
+        _FITTERS[method](model).fit(x, y, batch_size=100, epochs=2, progress=False)
+    final = -model.log_prob(x_test, y_test).mean().item()
+    assert np.isfinite(final) and final < initial - 0.02
+    assert model.predict(x_test).shape == (2000, 4)

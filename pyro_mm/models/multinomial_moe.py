@@ -80,6 +80,10 @@ class MultinomialMoE(MixtureOfExperts):
         and random: random so that gradient-based fitting is not stuck at the symmetric point
         where all experts are equal, small so that the first MM solve starts near the uniform
         classifier (the MM and EM initialisers replace them).
+    :param priors: ``None`` (the parameters are Pyro params: SVI with an empty guide is maximum
+        likelihood), a :class:`~pyro_mm.models.priors.MoEPriors` or a dict
+        ``{parameter name: distribution}``: those parameters become latent sample sites of the
+        Pyro model, for SVI with an autoguide (see :meth:`set_priors`).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class MultinomialMoE(MixtureOfExperts):
         expert_degree=1,
         seed: int = 0,
         init_scale: float = 0.1,
+        priors=None,
     ):
         super().__init__(num_experts, in_features, gate_degree, expert_degree)
         if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
@@ -99,6 +104,7 @@ class MultinomialMoE(MixtureOfExperts):
         generator = torch.Generator().manual_seed(seed)
         shape = (self.num_experts, self.num_classes - 1, self.expert_features.num_features)
         self.expert_weight = PyroParam(init_scale * torch.randn(shape, generator=generator))
+        self.set_priors(priors)
 
     def check_y(self, y, num_rows: int) -> torch.Tensor:
         """Validates class labels: shape ``(N,)``, whole numbers in ``{0, ..., M - 1}``.

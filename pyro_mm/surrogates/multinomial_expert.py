@@ -42,6 +42,7 @@ __all__ = [
     "MultinomialExpertStatistics",
     "MultinomialExpertSurrogate",
     "multinomial_expert_statistics",
+    "multinomial_expert_mean_statistics",
     "solve_multinomial_experts",
     "multinomial_expert_surrogate_value",
 ]
@@ -61,6 +62,16 @@ class MultinomialExpertStatistics:
     linear: torch.Tensor
 
 
+def _bound_statistics(weight, expert_features, mass, residual, curvature):
+    """Statistics from per-row expert weights ``mass`` ``(N, K)`` and residuals ``(N, K, M-1)``."""
+    num_rows = expert_features.shape[0]
+    gram = torch.einsum("nk,nd,ne->kde", mass, expert_features, expert_features) / num_rows
+    linear = torch.einsum("nkm,nd->kmd", residual, expert_features) / num_rows
+    return MultinomialExpertStatistics(
+        weight=mass.mean(0), gram=gram, linear=linear + curvature @ weight @ gram
+    )
+
+
 def multinomial_expert_statistics(
     expert_params: MultinomialExpertParams,
     expert_features: torch.Tensor,
@@ -77,17 +88,32 @@ def multinomial_expert_statistics(
     :param torch.Tensor resp: ``(N, K)`` responsibilities ``tau`` at ``theta_n``.
     :param torch.Tensor curvature: ``(M - 1, M - 1)`` softmax curvature bound ``C``.
     """
-    num_rows = expert_features.shape[0]
     weight = expert_params.weight
-    num_classes = weight.shape[1] + 1
     probs = torch.softmax(multinomial_expert_logits(weight, expert_features), -1)[..., :-1]
-    targets = torch.nn.functional.one_hot(y, num_classes)[:, :-1].to(probs.dtype)
+    targets = torch.nn.functional.one_hot(y, weight.shape[1] + 1)[:, :-1].to(probs.dtype)
     residual = resp.unsqueeze(-1) * (targets.unsqueeze(-2) - probs)
-    gram = torch.einsum("nk,nd,ne->kde", resp, expert_features, expert_features) / num_rows
-    linear = torch.einsum("nkm,nd->kmd", residual, expert_features) / num_rows
-    return MultinomialExpertStatistics(
-        weight=resp.mean(0), gram=gram, linear=linear + curvature @ weight @ gram
-    )
+    return _bound_statistics(weight, expert_features, resp, residual, curvature)
+
+
+def multinomial_expert_mean_statistics(
+    expert_params: MultinomialExpertParams,
+    expert_features: torch.Tensor,
+    mass: torch.Tensor,
+    curvature: torch.Tensor,
+) -> MultinomialExpertStatistics:
+    """The statistics expected under the experts themselves: labels drawn from ``e_k(. | x)``
+    and responsibilities replaced by ``mass`` (the gate probabilities). The expected residual
+    ``t - p_k`` is zero, so ``linear = C V_k^n G_k``.
+
+    Mixed with :func:`multinomial_expert_statistics` as ``(1 - eta) mean + eta observed`` (what
+    :class:`~pyro_mm.infer.MirrorDescentEM` does), they are the quadratic bound, at ``V^n``, of
+    the mirror-descent expert objective ``eta Q + (1 - eta) KL`` (a weighted soft-label softmax
+    regression), so their solve is one MM step on it (monotone, not its exact minimiser).
+
+    :param torch.Tensor mass: ``(N, K)`` non-negative row weights of the experts.
+    """
+    residual = expert_features.new_zeros(mass.shape + (expert_params.weight.shape[1],))
+    return _bound_statistics(expert_params.weight, expert_features, mass, residual, curvature)
 
 
 def solve_multinomial_experts(
@@ -163,6 +189,14 @@ class MultinomialExpertSurrogate:
         weight = expert_params.weight
         curvature = self.curvature(weight.shape[1] + 1, weight.dtype)
         return multinomial_expert_statistics(expert_params, expert_features, y, resp, curvature)
+
+    def mean_statistics(
+        self, expert_params, expert_features, weight
+    ) -> MultinomialExpertStatistics:
+        """Statistics expected under the experts with row weights ``weight`` (used by
+        :class:`~pyro_mm.infer.MirrorDescentEM`); see :func:`multinomial_expert_mean_statistics`."""
+        curvature = self.curvature(expert_params.weight.shape[1] + 1, expert_params.weight.dtype)
+        return multinomial_expert_mean_statistics(expert_params, expert_features, weight, curvature)
 
     def solve(self, stats: MultinomialExpertStatistics, previous: MultinomialExpertParams):
         curvature = self.curvature(stats.linear.shape[1] + 1, stats.linear.dtype)
