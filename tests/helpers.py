@@ -1,5 +1,7 @@
 """Small builders shared by the tests."""
 
+import dataclasses
+
 import torch
 
 from pyro_mm.models.params import GaussianExpertParams, MoEParams
@@ -18,3 +20,26 @@ def random_gaussian_params(num_experts, gate_dim, out_features, expert_dim, gene
             + torch.rand(num_experts, out_features, generator=generator, dtype=torch.float64),
         ),
     )
+
+
+def assert_trees_identical(left, right, where="state"):
+    """Bitwise equality of nested dicts/lists/dataclasses of tensors and plain values."""
+    if dataclasses.is_dataclass(left):
+        assert type(left) is type(right), where
+        for field in dataclasses.fields(left):
+            assert_trees_identical(
+                getattr(left, field.name), getattr(right, field.name), f"{where}.{field.name}"
+            )
+    elif isinstance(left, dict):
+        assert isinstance(right, dict) and left.keys() == right.keys(), where
+        for key in left:
+            assert_trees_identical(left[key], right[key], f"{where}[{key!r}]")
+    elif isinstance(left, list):
+        assert isinstance(right, list) and len(left) == len(right), where
+        for index, (a, b) in enumerate(zip(left, right)):
+            assert_trees_identical(a, b, f"{where}[{index}]")
+    elif isinstance(left, torch.Tensor):
+        assert isinstance(right, torch.Tensor) and left.dtype == right.dtype, where
+        assert torch.equal(left, right), where
+    else:
+        assert left == right, where

@@ -1,38 +1,14 @@
 """Checkpoint/resume: an interrupted stream resumed from a saved state gives bit-identical
 parameters to the uninterrupted run."""
 
-import dataclasses
-
 import pytest
 import torch
+from helpers import assert_trees_identical
 
 from pyro_mm import GaussianMoE, IncrementalMM, PowerDecay
 from pyro_mm.datasets import gaussian_moe_stream, gaussian_moe_truth
 from pyro_mm.infer.state import load_tree_state, tree_state, tree_unflatten
 from pyro_mm.models.params import tree_leaves
-
-
-def assert_trees_identical(left, right, where="state"):
-    """Bitwise equality of nested dicts/lists/dataclasses of tensors and plain values."""
-    if dataclasses.is_dataclass(left):
-        assert type(left) is type(right), where
-        for field in dataclasses.fields(left):
-            assert_trees_identical(
-                getattr(left, field.name), getattr(right, field.name), f"{where}.{field.name}"
-            )
-    elif isinstance(left, dict):
-        assert left.keys() == right.keys(), where
-        for key in left:
-            assert_trees_identical(left[key], right[key], f"{where}[{key!r}]")
-    elif isinstance(left, list):
-        assert len(left) == len(right), where
-        for index, (a, b) in enumerate(zip(left, right)):
-            assert_trees_identical(a, b, f"{where}[{index}]")
-    elif isinstance(left, torch.Tensor):
-        assert isinstance(right, torch.Tensor) and left.dtype == right.dtype, where
-        assert torch.equal(left, right), where
-    else:
-        assert left == right, where
 
 
 def _batches(num_batches, batch_size=64, seed=5):

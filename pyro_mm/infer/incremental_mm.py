@@ -56,9 +56,11 @@ class IncrementalMM:
     **Bad batches and faults.** A batch is validated, and its log-likelihood and the update it
     would cause are checked for finiteness, before any state changes: a batch with NaN/inf
     values, the wrong width, no rows, labels outside the model's classes, or magnitudes that
-    overflow the dtype raises a ``ValueError``/``TypeError`` naming the problem (or, with
-    ``on_bad_batch="skip"``, is skipped with a warning and counted in
-    ``regularisation["skipped_batches"]``). Degenerate but valid data is regularised and
+    overflow the dtype raises a ``ValueError``/``TypeError`` naming the problem, or a
+    ``FloatingPointError`` when only the statistics or the update overflow. With
+    ``on_bad_batch="skip"`` such a batch is skipped instead, with a warning, and counted in
+    ``regularisation["skipped_batches"]``. Magnitudes whose squares stay representable (up to
+    about ``1e150`` in float64) are fitted exactly as the rescaled data would be. Degenerate but valid data is regularised and
     counted in :attr:`regularisation`: a singular Gram matrix (constant features) gets the
     ridge and ``gate_eps``; an expert with no responsibility keeps its parameters
     (``"empty_expert_steps"``); a collapsing variance is raised to ``variance_floor``
@@ -237,6 +239,11 @@ class IncrementalMM:
         # At the first step s_0 = S(theta_0; z_1) is the batch's own statistic.
         previous = batch_stats if self.statistics is None else self.statistics
         stats = tree_map(lambda s, b: torch.lerp(s, b, gamma), previous, batch_stats)
+        if not _all_finite(tree_leaves(stats)):
+            raise FloatingPointError(
+                "the batch's statistics overflow the model's dtype (products of features or "
+                "outputs too large: standardise the data); the state was left unchanged"
+            )
         new_params, report = solve_mixture(
             stats, params, self.expert_surrogate, self.curvature, self.gate_eps
         )

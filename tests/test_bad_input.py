@@ -1,0 +1,237 @@
+"""Bad streams and faults: each either raises a clear error before any state changes, or is
+recovered from in a documented way that the fit reports (ridge, variance floor, empty-expert
+rule, skip policy with a counter).
+
+Case                                     | What happens
+---------------------------------------- | -----------------------------------------------------
+NaN / inf rows in x or y                 | ValueError naming the rows, state unchanged
+wrong width of x or y mid-stream         | ValueError naming the widths, state unchanged
+x and y row counts differ                | ValueError, state unchanged
+empty batch                              | ValueError, state unchanged
+bad first batch                          | ValueError, the object stays uninitialised
+huge magnitudes, representable squares   | fitted exactly like the rescaled data (equivariance)
+huge magnitudes, overflowing likelihood  | ValueError (log-likelihood not finite), state unchanged
+huge magnitudes, overflowing statistics  | FloatingPointError (statistics overflow), state unchanged
+constant features (singular Gram)        | ridge / gate_eps: finite fit, same loss as without them
+expert with no responsibility            | keeps its parameters, counted in empty_expert_steps
+variance collapsing to zero              | floored at variance_floor, counted in floored_variances
+any of the errors with on_bad_batch=skip | batch skipped, counted in skipped_batches, nan loss
+label out of range (classification)      | see tests/test_multinomial_moe.py and below
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import assert_trees_identical
+
+from pyro_mm import GaussianMoE, IncrementalMM
+from pyro_mm.datasets import gaussian_moe_stream, gaussian_moe_truth, sample_gaussian_moe
+from pyro_mm.infer.state import tree_state
+from pyro_mm.models.params import GaussianExpertParams, MoEParams
+
+
+def _state(infer):
+    state = tree_state(infer.state_dict())
+    state["history"]["wall_time"] = None
+    return state
+
+
+@pytest.fixture
+def streaming():
+    """An IncrementalMM three batches into a stream, with Polyak averaging running."""
+    truth = gaussian_moe_truth(2, 3, seed=0)
+    batches = list(gaussian_moe_stream(truth, 100, 5, seed=2))
+    infer = IncrementalMM(GaussianMoE(2, 3), polyak_start=2)
+    infer.fit(batches[:3], progress=False)
+    return infer, batches[3:]
+
+
+def _nan_x(x, y):
+    x = x.clone()
+    x[5, 1] = float("nan")
+    return x, y
+
+
+def _inf_y(x, y):
+    y = y.clone()
+    y[7, 0] = -float("inf")
+    return x, y
+
+
+BAD_BATCHES = {
+    "NaN in x": (
+        _nan_x,
+        ValueError,
+        r"x contains NaN values in 1 row\(s\), first at row\(s\) \[5\]",
+    ),
+    "inf in y": (
+        _inf_y,
+        ValueError,
+        r"y contains infinite values in 1 row\(s\), first at row\(s\) \[7\]",
+    ),
+    "x too wide": (
+        lambda x, y: (torch.cat([x, x[:, :1]], 1), y),
+        ValueError,
+        "x has 4 columns but the model was built with in_features=3",
+    ),
+    "y too wide": (
+        lambda x, y: (x, torch.cat([y, y], 1)),
+        ValueError,
+        r"y must have shape \(N, 1\)",
+    ),
+    "rows differ": (lambda x, y: (x, y[:-1]), ValueError, "x has 100 rows but y has 99"),
+    "empty batch": (lambda x, y: (x[:0], y[:0]), ValueError, r"x is an empty batch \(0 rows\)"),
+    "text in x": (
+        lambda x, y: ([["a"] * 3] * 100, y),
+        TypeError,
+        "x must be a tensor or array-like",
+    ),
+    "huge y": (
+        lambda x, y: (x, y * 1e200),
+        ValueError,
+        r"log-likelihood is not finite at the current parameters \(100 of this rank's 100 rows",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
+def test_a_bad_batch_mid_stream_changes_nothing(streaming, case):
+    infer, (good, _) = streaming
+    make_bad, error, message = BAD_BATCHES[case]
+    before = _state(infer)
+    with pytest.raises(error, match=message):
+        infer.step(*make_bad(*good))
+    assert_trees_identical(_state(infer), before)
+    assert math.isfinite(infer.step(*good))  # the stream goes on
+
+
+def test_skip_policy_counts_bad_batches_and_fits_as_if_they_were_absent():
+    truth = gaussian_moe_truth(2, 3, seed=0)
+    good = list(gaussian_moe_stream(truth, 100, 6, seed=2))
+    bad = [_nan_x(*good[0]), (good[1][0][:0], good[1][1][:0]), (good[2][0], good[2][1] * 1e200)]
+    stream = good[:2] + bad[:2] + good[2:4] + bad[2:] + good[4:]
+    skipping = IncrementalMM(GaussianMoE(2, 3), on_bad_batch="skip")
+    with pytest.warns(RuntimeWarning, match="skipped a bad batch"):
+        history = skipping.fit(stream, progress=False)
+    reference = IncrementalMM(GaussianMoE(2, 3))
+    reference.fit(good, progress=False)
+
+    assert skipping.regularisation["skipped_batches"] == 3
+    assert [math.isnan(loss) for loss in history.loss] == [False] * 2 + [True] * 2 + [False] * 2 + [
+        True
+    ] + [False] * 2
+    assert skipping.num_steps == reference.num_steps == 6
+    assert_trees_identical(tree_state(skipping.params), tree_state(reference.params))
+
+
+def test_a_bad_first_batch_leaves_the_object_uninitialised():
+    truth = gaussian_moe_truth(2, 3, seed=0)
+    x, y = sample_gaussian_moe(truth, 100, seed=1)
+    infer = IncrementalMM(GaussianMoE(2, 3))
+    fresh = _state(infer)
+    for bad in (_nan_x(x, y), (x * 1e200, y * 1e200)):
+        with pytest.raises(ValueError):
+            infer.step(*bad)
+        assert infer.params is None
+        assert_trees_identical(_state(infer), fresh)
+    infer.step(x, y)
+    assert infer.num_steps == 1
+
+
+def test_huge_but_representable_magnitudes_fit_exactly_like_rescaled_data():
+    truth = gaussian_moe_truth(2, 3, seed=0)
+    x, y = sample_gaussian_moe(truth, 1500, seed=1)
+    plain, scaled = IncrementalMM(GaussianMoE(2, 3)), IncrementalMM(GaussianMoE(2, 3))
+    for start in range(0, 1500, 300):
+        plain.step(x[start : start + 300], y[start : start + 300])
+        scaled.step(x[start : start + 300], 1e100 * y[start : start + 300])
+    assert torch.allclose(scaled.params.gate, plain.params.gate, rtol=0, atol=1e-12)
+    assert torch.allclose(
+        scaled.params.experts.weight / 1e100, plain.params.experts.weight, rtol=1e-12, atol=0
+    )
+    assert torch.allclose(
+        scaled.params.experts.variance / 1e200, plain.params.experts.variance, rtol=1e-12, atol=0
+    )
+
+
+def test_statistics_that_overflow_raise_before_any_change():
+    """A huge column that the current parameters ignore keeps the likelihood finite, but its
+    squares overflow the Gram statistics: the update is refused."""
+    x, y = sample_gaussian_moe(gaussian_moe_truth(2, 3, seed=0), 200, seed=1)
+    model = GaussianMoE(2, 3).double()
+    model.set_params(
+        MoEParams(
+            gate=torch.tensor([[0.1, 1.0, -1.0, 0.0]], dtype=torch.float64),
+            experts=GaussianExpertParams(
+                weight=torch.tensor([[[0.0, 1.0, 2.0, 0.0]], [[1.0, -1.0, 0.5, 0.0]]]).double(),
+                variance=torch.ones(2, 1, dtype=torch.float64),
+            ),
+        )
+    )
+    infer = IncrementalMM(model, init="current")
+    infer.initialize(x[:100], y[:100])
+    before = _state(infer)
+    huge = x[100:].clone()
+    huge[:, 2] = 1e200
+    with pytest.raises(FloatingPointError, match="statistics overflow the model's dtype"):
+        infer.step(huge, y[100:])
+    assert_trees_identical(_state(infer), before)
+    assert math.isfinite(infer.step(x[100:], y[100:]))
+
+
+@pytest.mark.parametrize("constant", ["one column", "every column"])
+def test_constant_features_are_regularised(constant):
+    """A constant column duplicates the intercept (singular Gram matrices): the ridge and the
+    gate's eps keep the solves definite; the fit is as good as without the column."""
+    truth = gaussian_moe_truth(2, 3, seed=0)
+    x, y = sample_gaussian_moe(truth, 3000, seed=1)
+    if constant == "one column":
+        padded = torch.cat([x, torch.full((3000, 1), 2.5, dtype=x.dtype)], 1)
+        with_constant, without = IncrementalMM(GaussianMoE(2, 4)), IncrementalMM(GaussianMoE(2, 3))
+        for start in range(0, 3000, 300):
+            with_constant.step(padded[start : start + 300], y[start : start + 300])
+            without.step(x[start : start + 300], y[start : start + 300])
+        assert abs(with_constant.evaluate_loss(padded, y) - without.evaluate_loss(x, y)) < 1e-6
+    else:
+        flat = torch.full_like(x, 2.5)
+        with_constant = IncrementalMM(GaussianMoE(2, 3))
+        losses = [
+            with_constant.step(flat[start : start + 300], y[start : start + 300])
+            for start in range(0, 3000, 300)
+        ]
+        assert all(math.isfinite(loss) for loss in losses)
+        # Inputs carry no information: the fit is at most the marginal of y.
+        assert with_constant.evaluate_loss(flat, y) < losses[0] + 1e-9
+    params = with_constant.params
+    assert all(torch.isfinite(t).all() for t in (params.gate, *vars(params.experts).values()))
+
+
+def test_an_expert_without_responsibility_keeps_its_parameters_and_is_counted():
+    truth = gaussian_moe_truth(3, 2, seed=0)
+    start = MoEParams(gate=truth.gate.clone(), experts=truth.experts)
+    start.gate[0] = torch.tensor([-1000.0, 0.0, 0.0], dtype=torch.float64)  # g_1(x) = 0 exactly
+    model = GaussianMoE(3, 2).double()
+    model.set_params(start)
+    infer = IncrementalMM(model, init="current")
+    losses = [infer.step(x, y) for x, y in gaussian_moe_stream(truth, 100, 30, seed=3)]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert infer.regularisation["empty_expert_steps"] == 30
+    assert torch.equal(infer.params.experts.weight[0], truth.experts.weight[0])
+    assert torch.equal(infer.params.experts.variance[0], truth.experts.variance[0])
+    assert not torch.equal(infer.params.experts.weight[1:], truth.experts.weight[1:])
+
+
+def test_a_collapsing_variance_is_floored_and_counted():
+    """Noise-free outputs: every expert's residual variance tends to 0; it stays at the floor
+    and the likelihood stays finite."""
+    x, _ = sample_gaussian_moe(gaussian_moe_truth(2, 3, seed=0), 2000, seed=1)
+    exact = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64) + 0.3
+    infer = IncrementalMM(GaussianMoE(2, 3), variance_floor=1e-6)
+    losses = [
+        infer.step(x[start : start + 200], exact[start : start + 200])
+        for start in range(0, 2000, 200)
+    ]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert torch.equal(infer.params.experts.variance, torch.full((2, 1), 1e-6, dtype=torch.float64))
+    assert infer.regularisation["floored_variances"] == 2 * len(losses)
