@@ -39,6 +39,7 @@ __all__ = ["to_inference_data", "SUPPORTED_ARVIZ"]
 
 #: The ArviZ versions :func:`to_inference_data` works with (the ``InferenceData`` API).
 SUPPORTED_ARVIZ = ">=0.17, <1.0"
+_PIP_SPEC = "arviz" + SUPPORTED_ARVIZ.replace(" ", "")
 
 # Dimension names of the expert parameters, per expert family (after the leading "experts").
 _EXPERT_DIMS = {
@@ -58,14 +59,14 @@ def _import_arviz():
             import arviz
     except ImportError:
         raise ImportError(
-            f"to_inference_data needs ArviZ {SUPPORTED_ARVIZ}: pip install 'arviz{SUPPORTED_ARVIZ}'"
+            f"to_inference_data needs ArviZ {SUPPORTED_ARVIZ}: pip install '{_PIP_SPEC}'"
         ) from None
     major = int(arviz.__version__.split(".")[0])
     if major >= 1:
         raise ImportError(
             f"pyro_mm.diagnostics supports ArviZ {SUPPORTED_ARVIZ} (the InferenceData API); "
             f"ArviZ {arviz.__version__} is installed, whose DataTree API is not supported yet. "
-            f"Install a supported version: pip install 'arviz{SUPPORTED_ARVIZ.replace(' ', '')}'"
+            f"Install a supported version: pip install '{_PIP_SPEC}'"
         )
     return arviz
 
@@ -91,7 +92,7 @@ def _site_draws(model, x, y, sites: ParameterSites, posterior, num_samples: int,
             )
         return posterior.sample(num_samples, seed=seed), "laplace"
     if isinstance(posterior, dict):
-        return _checked_draws(sites, posterior), "samples"
+        return _checked_draws(sites, posterior, model.dtype), "samples"
     if callable(posterior):
         latent = [name for name in sites.names if sites.kinds[name] == "sample"]
         if not latent:
@@ -119,7 +120,7 @@ def _site_draws(model, x, y, sites: ParameterSites, posterior, num_samples: int,
     )
 
 
-def _checked_draws(sites: ParameterSites, draws: dict) -> dict:
+def _checked_draws(sites: ParameterSites, draws: dict, dtype: torch.dtype) -> dict:
     missing = set(sites.names) - set(draws)
     if missing:
         raise ValueError(f"the draws have no values for the parameter site(s) {sorted(missing)}")
@@ -134,7 +135,9 @@ def _checked_draws(sites: ParameterSites, draws: dict) -> dict:
         sizes.add(value.shape[0])
     if len(sizes) != 1:
         raise ValueError(f"every site needs the same number of draws, got {sorted(sizes)}")
-    return {name: torch.as_tensor(draws[name]).detach() for name in sites.names}
+    if sizes.pop() < 2:
+        raise ValueError("give at least 2 draws (PSIS-LOO needs several)")
+    return {name: torch.as_tensor(draws[name]).detach().to(dtype) for name in sites.names}
 
 
 def _regressor_names(feature_map, input_names: list) -> list:
