@@ -16,7 +16,7 @@ constant features (singular Gram)        | ridge / gate_eps: finite fit, same lo
 expert with no responsibility            | keeps its parameters, counted in empty_expert_steps
 variance collapsing to zero              | floored at variance_floor, counted in floored_variances
 any of the errors with on_bad_batch=skip | batch skipped, counted in skipped_batches, nan loss
-label out of range (classification)      | see tests/test_multinomial_moe.py and below
+label out of range (MultinomialMoE)      | ValueError naming the labels and rows, state unchanged
 """
 
 import math
@@ -27,7 +27,9 @@ from helpers import assert_trees_identical
 
 from pyro_mm import GaussianMoE, IncrementalMM
 from pyro_mm.datasets import gaussian_moe_stream, gaussian_moe_truth, sample_gaussian_moe
+from pyro_mm.datasets.synthetic import multinomial_moe_stream, multinomial_moe_truth
 from pyro_mm.infer.state import tree_state
+from pyro_mm.models.multinomial_moe import MultinomialMoE
 from pyro_mm.models.params import GaussianExpertParams, MoEParams
 
 
@@ -235,3 +237,21 @@ def test_a_collapsing_variance_is_floored_and_counted():
     assert all(math.isfinite(loss) for loss in losses)
     assert torch.equal(infer.params.experts.variance, torch.full((2, 1), 1e-6, dtype=torch.float64))
     assert infer.regularisation["floored_variances"] == 2 * len(losses)
+
+
+@pytest.mark.parametrize("label", [3, -1])
+def test_a_label_out_of_range_mid_stream_changes_nothing(label):
+    truth = multinomial_moe_truth(2, 2, 3, seed=0)
+    batches = list(multinomial_moe_stream(truth, 100, 4, seed=1))
+    infer = IncrementalMM(MultinomialMoE(2, 2, 3), polyak_start=1)
+    infer.fit(batches[:3], progress=False)
+    x, y = batches[3]
+    bad = y.clone()
+    bad[9] = label
+    before = _state(infer)
+    with pytest.raises(
+        ValueError, match=rf"must lie in \{{0, ..., 2\}}.*\[{label}\] at row\(s\) \[9\]"
+    ):
+        infer.step(x, bad)
+    assert_trees_identical(_state(infer), before)
+    assert math.isfinite(infer.step(x, y))
