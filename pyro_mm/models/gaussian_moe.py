@@ -64,6 +64,10 @@ class GaussianMoE(MixtureOfExperts):
     :param expert_degree: polynomial degree ``D_V`` of the expert means (or a feature map).
     :param int seed: seed of the random initial expert weights (used by SVI-style fitting;
         the MM and EM initialisers replace them).
+    :param priors: ``None`` (the parameters are Pyro params: SVI with an empty guide is maximum
+        likelihood), a :class:`~pyro_mm.models.priors.MoEPriors` or a dict
+        ``{parameter name: distribution}``: those parameters become latent sample sites of the
+        Pyro model, for SVI with an autoguide (see :meth:`set_priors`).
     """
 
     def __init__(
@@ -72,12 +76,9 @@ class GaussianMoE(MixtureOfExperts):
         in_features: int,
         out_features: int = 1,
         gate_degree=1,
-    :param priors: ``None`` (the parameters are Pyro params: SVI with an empty guide is maximum
-        likelihood), a :class:`~pyro_mm.models.priors.MoEPriors` or a dict
-        ``{parameter name: distribution}``: those parameters become latent sample sites of the
-        Pyro model, for SVI with an autoguide (see :meth:`set_priors`).
         expert_degree=1,
         seed: int = 0,
+        priors=None,
     ):
         super().__init__(num_experts, in_features, gate_degree, expert_degree)
         if isinstance(out_features, bool) or int(out_features) != out_features or out_features < 1:
@@ -86,10 +87,10 @@ class GaussianMoE(MixtureOfExperts):
         generator = torch.Generator().manual_seed(seed)
         shape = (self.num_experts, self.out_features, self.expert_features.num_features)
         self.expert_weight = PyroParam(torch.randn(shape, generator=generator))
-        priors=None,
         self.expert_variance = PyroParam(
             torch.ones(self.num_experts, self.out_features), constraint=constraints.positive
         )
+        self.set_priors(priors)
 
     def check_y(self, y, num_rows: int) -> torch.Tensor:
         """Validates ``y``: floating, finite, shape ``(N, Q)`` (or ``(N,)`` when ``Q = 1``)."""
@@ -98,7 +99,6 @@ class GaussianMoE(MixtureOfExperts):
             y = y.unsqueeze(-1)
         if y.dim() != 2 or y.shape[1] != self.out_features:
             raise ValueError(
-        self.set_priors(priors)
                 f"y must have shape (N, {self.out_features}) for out_features="
                 f"{self.out_features}, got {tuple(y.shape)}"
             )
