@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import assert_trees_identical
 
-from pyro_mm import GaussianMoE, IncrementalMM, PowerDecay
+from pyro_mm import EM, GaussianMoE, GradientEM, IncrementalMM, MirrorDescentEM, PowerDecay
 from pyro_mm.datasets import gaussian_moe_stream, gaussian_moe_truth
 from pyro_mm.infer.state import load_tree_state, tree_state, tree_unflatten
 from pyro_mm.models.params import tree_leaves
@@ -129,3 +129,34 @@ def test_tree_helpers_round_trip_and_refuse_unknown_classes():
     stored["__dataclass__"] = "some_module_never_imported:Statistics"
     with pytest.raises(ValueError, match="no imported module defines"):
         load_tree_state(stored)
+
+
+@pytest.mark.parametrize("method", ["EM", "MirrorDescentEM", "GradientEM"])
+def test_em_type_methods_resume_bit_identically(tmp_path, method):
+    def build(seed):
+        model = GaussianMoE(3, 2, 2, seed=seed)
+        if method == "EM":
+            return EM(model, gate_max_iter=20)
+        if method == "MirrorDescentEM":
+            return MirrorDescentEM(model, step_size=PowerDecay(1.0, 0.7), gate_max_iter=20)
+        return GradientEM(model, lr_gate=0.5, lr_experts=0.2)
+
+    batches = _batches(8, batch_size=150)
+    reference = build(9)
+    for x, y in batches:
+        reference.step(x, y)
+    interrupted = build(9)
+    for x, y in batches[:3]:
+        interrupted.step(x, y)
+    torch.save(interrupted.state_dict(), tmp_path / "checkpoint.pt")
+    resumed = build(77)
+    resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt"))
+    for x, y in batches[3:]:
+        resumed.step(x, y)
+    assert_trees_identical(
+        _without_wall_time(resumed.state_dict()), _without_wall_time(reference.state_dict())
+    )
+    for name, value in reference.model.param_values().items():
+        assert torch.equal(resumed.model.param_values()[name], value), name
+    with pytest.raises(ValueError, match="the state does not match"):
+        build(9).load_state_dict({**reference.state_dict(), "options": {"dtype": "float16"}})

@@ -61,6 +61,7 @@ class EM(EMLikeInference):
     """
 
     name = "EM"
+    option_names = ("gate_options",)
 
     def __init__(
         self,

@@ -14,6 +14,14 @@ from ..surrogates.mixture import e_step
 from ..surrogates.registry import expert_surrogate_for
 from .batches import iterate_batches
 from .history import FitHistory
+from .state import (
+    check_matching_options,
+    check_tree_shapes,
+    load_schedule_state,
+    load_tree_state,
+    schedule_state,
+    tree_state,
+)
 
 __all__ = ["EMLikeInference", "INITS", "positive_number", "positive_integer", "gate_solver_options"]
 
@@ -69,6 +77,9 @@ class EMLikeInference:
 
     #: label of the progress bar.
     name = "EM"
+    #: attributes that define the iteration besides its state: a state loads only into an
+    #: object where they are equal.
+    option_names = ()
 
     def __init__(
         self,
@@ -101,6 +112,7 @@ class EMLikeInference:
         self.init = init
         self.seed = seed
         self.dtype = dtype
+        self.ridge, self.variance_floor = float(ridge), float(variance_floor)
         #: current iterate ``theta_t`` (``None`` before initialisation).
         self.params: MoEParams = None
         #: number of steps taken.
@@ -138,6 +150,55 @@ class EMLikeInference:
         """Mean negative log-likelihood of ``(x, y)`` at the current estimate (no state change)."""
         with torch.no_grad():
             return -self.model.log_prob(x, y).mean().item()
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def _options(self) -> dict:
+        options = {
+            "model": type(self.model).__name__,
+            "num_experts": self.model.num_experts,
+            "ridge": self.ridge,
+            "variance_floor": self.variance_floor,
+            "dtype": str(self.dtype),
+        }
+        options.update({name: getattr(self, name) for name in self.option_names})
+        return options
+
+    def state_dict(self) -> dict:
+        """Everything the iteration depends on, as plain data (``torch.save`` it): the options
+        it was built with, the iterate ``theta_t``, the step-size schedule (if any), the step and
+        sample counters, the regularisation counters and the history. There is no random state
+        after initialisation (K-means is seeded by ``seed``)."""
+        state = {
+            "options": self._options(),
+            "params": tree_state(self.params),
+            "num_steps": self.num_steps,
+            "samples_seen": self.samples_seen,
+            "regularisation": dict(self.regularisation),
+            "history": self.history.as_dict(),
+        }
+        if hasattr(self, "schedule"):
+            state["schedule"] = schedule_state(self.schedule)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict` (and its schedule) and writes ``theta_t`` into the model;
+        resuming a stream from it gives bit-identical parameters to the uninterrupted run.
+
+        :raises ValueError: when the state was made with other options or parameter shapes;
+            nothing is changed then.
+        """
+        check_matching_options(self.name, state["options"], self._options())
+        params = load_tree_state(state["params"])
+        if params is not None:
+            check_tree_shapes("params", params, tree_to(self.model.get_params(), self.dtype))
+        if hasattr(self, "schedule"):
+            self.schedule = load_schedule_state(self.schedule, state["schedule"])
+        self.params = params
+        self.num_steps, self.samples_seen = int(state["num_steps"]), int(state["samples_seen"])
+        self.regularisation = dict(state["regularisation"])
+        self.history = FitHistory(**state["history"])
+        if params is not None:
+            self.model.set_params(params)
 
     # --------------------------------------------------------------------------- internals
     def _check_batch(self, x, y):

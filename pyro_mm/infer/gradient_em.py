@@ -51,6 +51,7 @@ class GradientEM(EMLikeInference):
     """
 
     name = "GradientEM"
+    option_names = ("lr_gate", "lr_experts")
 
     def __init__(
         self,

@@ -83,6 +83,7 @@ class MirrorDescentEM(EMLikeInference):
     """
 
     name = "MirrorDescentEM"
+    option_names = ("gate_options",)
 
     def __init__(
         self,
