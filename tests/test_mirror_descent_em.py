@@ -113,12 +113,12 @@ def test_expert_mean_statistics_are_solved_back_to_the_experts():
 
 def test_damped_em_never_increases_the_nll_and_reaches_em_optimum():
     eta = 0.5
-    x, y = _data(2, 2, 1, num_samples=1000, seed=9)
+    x, y = _data(2, 2, 1, num_samples=600, seed=0)
     em = EM(GaussianMoE(2, 2), ridge=0.0)
     em.fit(x, y, tol=1e-12, max_iter=500, progress=False)
     optimum = em.evaluate_loss(x, y)
     md = MirrorDescentEM(GaussianMoE(2, 2), step_size=eta, ridge=0.0)
-    history = md.fit(x, y, epochs=220, progress=False)
+    history = md.fit(x, y, epochs=80, progress=False)
     losses = history.loss + [md.evaluate_loss(x, y)]
     assert torch.tensor(losses).diff().max() <= 1e-12
     assert losses[-1] - optimum < 1e-8

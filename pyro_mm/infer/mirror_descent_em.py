@@ -22,8 +22,10 @@ with ``K(theta_t, theta) = avg_n KL(p_{theta_t}(y, z | x_n) || p_theta(y, z | x_
   ``grad A(theta_{t+1})`` equals the mixture only after projection, exactly as in the paper's
   projected mirror descent.
 
-``eta = 1`` is EM step for step; ``eta < 1`` is a damped EM that still never increases the NLL
-(``Q(theta_{t+1} | theta_t) <= Q(theta_t | theta_t)`` because the KL term is non-negative).
+``eta = 1`` is EM step for step; ``eta < 1`` is a damped EM that still never increases the NLL:
+``K >= 0`` and ``K(theta_t, theta_t) = 0`` give ``Q(theta_{t+1} | theta_t) <= Q(theta_t | theta_t)``,
+and ``L = Q(. | theta_t) - H(. | theta_t)`` with ``H(. | theta_t)`` (the cross-entropy of the
+posterior of ``z``) minimal at ``theta_t``.
 
 **Stochastic version.** Given a mini-batch ``B`` instead of the data set, the same formula is used
 with the batch's statistics *and* the batch's mean parameters (targets mixed on the current
