@@ -16,10 +16,13 @@ from .multinomial_expert import (
     multinomial_expert_surrogate_value,
     solve_multinomial_experts,
 )
+from .penalties import CoefficientPenalty, InverseGammaPrior
 from .registry import expert_surrogate_for, register_expert_surrogate
 from .report import SolveReport
 from .softmax_bound import (
+    GATE_BOUNDS,
     SOFTMAX_BOUNDS,
+    JaakkolaJordanBound,
     kronecker_quadratic_value,
     softmax_curvature,
     solve_kronecker,
@@ -31,7 +34,11 @@ from .softmax_regression import (
 )
 
 __all__ = [
+    "CoefficientPenalty",
+    "GATE_BOUNDS",
     "GateStatistics",
+    "JaakkolaJordanBound",
+    "InverseGammaPrior",
     "GaussianExpertStatistics",
     "GaussianExpertSurrogate",
     "MoEStatistics",

@@ -12,7 +12,13 @@ import dataclasses
 
 import torch
 
-from .softmax_bound import kronecker_quadratic_value, solve_kronecker
+from .penalties import CoefficientPenalty
+from .softmax_bound import (
+    JaakkolaJordanBound,
+    kronecker_left,
+    kronecker_quadratic_value,
+    solve_kronecker,
+)
 
 __all__ = ["GateStatistics", "gate_statistics", "solve_gate", "gate_surrogate_value"]
 
@@ -23,7 +29,9 @@ class GateStatistics:
 
     :ivar torch.Tensor linear: ``(K - 1, D_g)``, the average of ``B omega_n + xi - grad`` in
         matrix form (``xi = tau_{1:K-1} u^T``, ``grad = g_{1:K-1}(x) u^T``).
-    :ivar torch.Tensor gram: ``(D_g, D_g)``, the average of ``u u^T``.
+    :ivar torch.Tensor gram: ``(D_g, D_g)``, the average of ``u u^T`` (for the per-sample
+        :class:`~pyro_mm.surrogates.softmax_bound.JaakkolaJordanBound`, the weighted average
+        ``avg(2 lambda(xi_n) u u^T)``, which then carries the whole curvature).
     """
 
     linear: torch.Tensor
@@ -44,25 +52,60 @@ def gate_statistics(
     :param torch.Tensor gate_features: ``(N, D_g)`` regressors ``u(x)``.
     :param torch.Tensor gate_probs: ``(N, K)`` gate probabilities at ``omega_n``.
     :param torch.Tensor resp: ``(N, K)`` responsibilities ``tau`` at ``theta_n``.
-    :param torch.Tensor curvature: ``(K - 1, K - 1)`` softmax curvature bound ``C``.
+    :param curvature: ``(K - 1, K - 1)`` softmax curvature bound ``C``, or a
+        :class:`~pyro_mm.surrogates.softmax_bound.JaakkolaJordanBound` (``K = 2``).
     :param float eps: the ``eps* I`` term of the bound (keeps ``avg B`` definite).
     """
     num_rows = gate_features.shape[0]
-    gram = gate_features.T @ gate_features / num_rows
+    if isinstance(curvature, JaakkolaJordanBound):
+        logits = gate_features @ gate_weight[0]
+        weighted = gate_features * curvature.sample_curvature(logits).unsqueeze(-1)
+        gram = weighted.T @ gate_features / num_rows
+    else:
+        gram = gate_features.T @ gate_features / num_rows
     residual = (resp - gate_probs)[:, :-1]
     linear = (
-        residual.T @ gate_features / num_rows + curvature @ gate_weight @ gram + eps * gate_weight
+        residual.T @ gate_features / num_rows
+        + kronecker_left(curvature) @ gate_weight @ gram
+        + eps * gate_weight
     )
     return GateStatistics(linear=linear, gram=gram)
 
 
-def solve_gate(stats: GateStatistics, curvature: torch.Tensor, eps: float) -> torch.Tensor:
-    """The closed-form argmin ``omega = (avg B)^{-1} avg(B omega_n + xi - grad)``."""
-    return solve_kronecker(curvature, stats.gram, eps, stats.linear)
+def solve_gate(
+    stats: GateStatistics,
+    curvature: torch.Tensor,
+    eps: float,
+    penalty: CoefficientPenalty = None,
+    previous: torch.Tensor = None,
+) -> torch.Tensor:
+    """The closed-form argmin ``omega = (avg B)^{-1} avg(B omega_n + xi - grad)``.
+
+    With a ``penalty`` (lasso/ridge on the gate weights, majorised at ``previous``), its
+    diagonal ``D`` joins the system: ``omega = (avg B + D)^{-1} avg(B omega_n + xi - grad)``.
+    ``D`` breaks the Kronecker structure, so this system is solved densely (size
+    ``(K - 1) D_g``).
+
+    :param CoefficientPenalty penalty: penalty on the gate weights (``None``: none).
+    :param torch.Tensor previous: ``(K - 1, D_g)`` the current gate weights ``omega_n``
+        (needed with a penalty).
+    """
+    left = kronecker_left(curvature)
+    if penalty is None or not penalty.active:
+        return solve_kronecker(left, stats.gram, eps, stats.linear)
+    if previous is None:
+        raise ValueError("a gate penalty is majorised at the current gate: pass previous")
+    diagonal = penalty.curvature(previous).reshape(-1) + eps
+    system = torch.kron(left, stats.gram) + torch.diag(diagonal)
+    factor = torch.linalg.cholesky(system)
+    solution = torch.cholesky_solve(stats.linear.reshape(-1, 1), factor)
+    return solution.reshape(stats.linear.shape)
 
 
 def gate_surrogate_value(
     gate_weight: torch.Tensor, stats: GateStatistics, curvature: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """The gate surrogate ``1/2 omega^T avg(B) omega - <linear, omega>`` (up to a constant)."""
-    return kronecker_quadratic_value(curvature, stats.gram, eps, stats.linear, gate_weight)
+    return kronecker_quadratic_value(
+        kronecker_left(curvature), stats.gram, eps, stats.linear, gate_weight
+    )

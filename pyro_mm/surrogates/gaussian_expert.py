@@ -8,6 +8,12 @@ negative log-likelihood ``sum_k tau_k [1/2 log(2 pi sigma_kq^2) + (y_q - Upsilon
 
 A ridge ``lambda`` adds ``lambda ||Upsilon_kq||^2 / (2 sigma_kq^2)`` (a conjugate Gaussian prior
 with variance ``sigma^2 / lambda``), which keeps the joint argmin closed form.
+
+MAP inside MM (:mod:`~pyro_mm.surrogates.penalties`): a :class:`CoefficientPenalty` ``pen``
+(lasso and ridge) enters as ``pen(Upsilon_kq) / sigma_kq^2``, measured in units of the expert's
+noise variance like the conjugate ridge above, so that the coefficient update, with the lasso
+majorised at the previous coefficients, is one linear solve per expert and output whatever the
+variance; an :class:`InverseGammaPrior` on the variances keeps their update closed form.
 """
 
 import dataclasses
@@ -17,6 +23,7 @@ import torch
 
 from ..models.gaussian_moe import gaussian_expert_log_prob
 from ..models.params import GaussianExpertParams
+from .penalties import CoefficientPenalty, InverseGammaPrior
 from .report import SolveReport
 
 __all__ = [
@@ -91,12 +98,24 @@ def _penalised_residual(weight, stats: GaussianExpertStatistics, penalty) -> tor
     return stats.square - 2 * (weight * stats.cross).sum(-1) + quadratic
 
 
+def _solve_definite(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``system^{-1} rhs`` for batched symmetric positive (semi-)definite systems."""
+    factor, info = torch.linalg.cholesky_ex(system)
+    if bool((info > 0).any()):
+        # Round-off made a nearly singular Gram matrix indefinite: fall back to a least-squares
+        # solve, which is slower but never fails.
+        return torch.linalg.lstsq(system, rhs).solution
+    return torch.cholesky_solve(rhs, factor)
+
+
 def solve_gaussian_experts(
     stats: GaussianExpertStatistics,
     previous: GaussianExpertParams,
     ridge: float = 1e-8,
     variance_floor: float = 1e-6,
     min_weight: float = 1e-8,
+    coefficient_penalty: CoefficientPenalty = None,
+    variance_prior: InverseGammaPrior = None,
 ):
     r"""Closed-form argmin of the Gaussian-expert surrogate.
 
@@ -104,11 +123,22 @@ def solve_gaussian_experts(
     experts) and ``sigma^2_kq = [avg tau_k y_q^2 - 2 Upsilon_kq . avg tau_k y_q r +
     Upsilon_kq^T (avg tau_k r r^T + lambda I) Upsilon_kq] / avg tau_k``.
 
+    With a ``coefficient_penalty`` ``pen``, ``Upsilon_kq`` minimises the surrogate with
+    ``pen / sigma^2`` majorised at ``previous`` (its diagonal ``D_kq`` joins the system:
+    ``(avg tau_k r r^T + lambda I + D_kq) Upsilon_kq = avg tau_k y_q r``, one solve per expert
+    and output), and the variance is the exact minimiser given it: ``2 pen(Upsilon_kq)`` joins
+    the residual. With a ``variance_prior``, ``sigma^2 = (R + 2 b / N) / (avg tau_k +
+    2 (a + 1) / N)``. Both keep the update a descent step of the penalised surrogate.
+
     :param GaussianExpertStatistics stats: averaged statistics.
-    :param GaussianExpertParams previous: parameters kept for experts with no data.
+    :param GaussianExpertParams previous: parameters kept for experts with no data, and the
+        expansion point of the lasso's majoriser.
     :param float ridge: ``lambda``, relative to the expert's mass ``avg tau_k``.
     :param float variance_floor: smallest variance returned (a collapsing variance is floored).
     :param float min_weight: experts with ``avg tau_k`` below this keep ``previous``.
+    :param CoefficientPenalty coefficient_penalty: lasso/ridge on the coefficients (``None``:
+        none).
+    :param InverseGammaPrior variance_prior: prior on the variances (``None``: none).
     :returns: ``(GaussianExpertParams, SolveReport)``.
     """
     num_experts, num_features, _ = stats.gram.shape
@@ -117,14 +147,21 @@ def solve_gaussian_experts(
     penalty = ridge * mass
     eye = torch.eye(num_features, dtype=stats.gram.dtype, device=stats.gram.device)
     system = stats.gram + penalty[:, None, None] * eye
-    factor, info = torch.linalg.cholesky_ex(system)
-    if bool((info > 0).any()):
-        # Round-off made a nearly singular Gram matrix indefinite: fall back to a least-squares
-        # solve, which is slower but never fails.
-        weight = torch.linalg.lstsq(system, stats.cross.transpose(1, 2)).solution.transpose(1, 2)
+    if coefficient_penalty is not None and coefficient_penalty.active:
+        system = system.unsqueeze(1) + torch.diag_embed(
+            coefficient_penalty.curvature(previous.weight)
+        )
+        weight = _solve_definite(system, stats.cross.unsqueeze(-1)).squeeze(-1)
     else:
-        weight = torch.cholesky_solve(stats.cross.transpose(1, 2), factor).transpose(1, 2)
-    variance = _penalised_residual(weight, stats, penalty) / mass[:, None]
+        weight = _solve_definite(system, stats.cross.transpose(1, 2)).transpose(1, 2)
+    residual = _penalised_residual(weight, stats, penalty)
+    denominator = mass[:, None]
+    if coefficient_penalty is not None:
+        residual = residual + 2 * coefficient_penalty.value(weight)
+    if variance_prior is not None:
+        residual = residual + variance_prior.residual_shift
+        denominator = denominator + variance_prior.mass_shift
+    variance = residual / denominator
     floored = variance < variance_floor
     variance = torch.where(floored, torch.full_like(variance, variance_floor), variance)
     weight = torch.where(empty[:, None, None], previous.weight, weight)
@@ -155,12 +192,30 @@ class GaussianExpertSurrogate:
     :param float ridge: ridge on the coefficients, relative to each expert's mass.
     :param float variance_floor: smallest variance a solve returns.
     :param float min_weight: responsibility mass below which an expert counts as empty.
+    :param CoefficientPenalty penalty: lasso/ridge on the coefficients, in units of each
+        expert's variance (MAP inside MM; see the module docstring).
+    :param InverseGammaPrior variance_prior: conjugate prior on the variances.
     """
 
-    def __init__(self, ridge: float = 1e-8, variance_floor: float = 1e-6, min_weight: float = 1e-8):
+    def __init__(
+        self,
+        ridge: float = 1e-8,
+        variance_floor: float = 1e-6,
+        min_weight: float = 1e-8,
+        penalty: CoefficientPenalty = None,
+        variance_prior: InverseGammaPrior = None,
+    ):
+        if penalty is not None and not isinstance(penalty, CoefficientPenalty):
+            raise TypeError(f"penalty must be a CoefficientPenalty or None, got {penalty!r}")
+        if variance_prior is not None and not isinstance(variance_prior, InverseGammaPrior):
+            raise TypeError(
+                f"variance_prior must be an InverseGammaPrior or None, got {variance_prior!r}"
+            )
         self.ridge = ridge
         self.variance_floor = variance_floor
         self.min_weight = min_weight
+        self.penalty = penalty
+        self.variance_prior = variance_prior
 
     log_prob = staticmethod(gaussian_expert_log_prob)
 
@@ -169,7 +224,13 @@ class GaussianExpertSurrogate:
 
     def solve(self, stats: GaussianExpertStatistics, previous: GaussianExpertParams):
         return solve_gaussian_experts(
-            stats, previous, self.ridge, self.variance_floor, self.min_weight
+            stats,
+            previous,
+            self.ridge,
+            self.variance_floor,
+            self.min_weight,
+            self.penalty,
+            self.variance_prior,
         )
 
     def mean_statistics(self, expert_params, expert_features, weight) -> GaussianExpertStatistics:
@@ -182,5 +243,11 @@ class GaussianExpertSurrogate:
         return self.solve(self.statistics(previous, expert_features, y, resp), previous)
 
     def value(self, params: GaussianExpertParams, stats: GaussianExpertStatistics) -> torch.Tensor:
+        """The surrogate at ``params`` (with the penalty and prior, not their majorisers)."""
         mass = stats.weight.clamp_min(self.min_weight)
-        return gaussian_expert_surrogate_value(params, stats, self.ridge * mass)
+        value = gaussian_expert_surrogate_value(params, stats, self.ridge * mass)
+        if self.penalty is not None:
+            value = value + (self.penalty.value(params.weight) / params.variance).sum()
+        if self.variance_prior is not None:
+            value = value + self.variance_prior.value(params.variance).sum()
+        return value

@@ -56,10 +56,15 @@ def mixture_statistics(
     return stats, log_lik
 
 
-def solve_mixture(stats: MoEStatistics, previous: MoEParams, expert_surrogate, curvature, eps):
+def solve_mixture(
+    stats: MoEStatistics, previous: MoEParams, expert_surrogate, curvature, eps, gate_penalty=None
+):
     """The argmin of the surrogate: gate and experts solved separately (the blocks are separable).
 
+    :param gate_penalty: a :class:`~pyro_mm.surrogates.penalties.CoefficientPenalty` on the
+        gate weights, majorised at ``previous.gate`` (``None``: none).
     :returns: ``(MoEParams, SolveReport)``.
     """
     experts, report = expert_surrogate.solve(stats.experts, previous.experts)
-    return MoEParams(gate=solve_gate(stats.gate, curvature, eps), experts=experts), report
+    gate = solve_gate(stats.gate, curvature, eps, gate_penalty, previous.gate)
+    return MoEParams(gate=gate, experts=experts), report

@@ -8,10 +8,61 @@ and with linear logits ``eta = W u`` the Hessian in ``vec(W)`` is bounded by ``C
 
 import torch
 
-__all__ = ["SOFTMAX_BOUNDS", "softmax_curvature", "solve_kronecker", "kronecker_quadratic_value"]
+__all__ = [
+    "SOFTMAX_BOUNDS",
+    "GATE_BOUNDS",
+    "JaakkolaJordanBound",
+    "kronecker_left",
+    "softmax_curvature",
+    "solve_kronecker",
+    "kronecker_quadratic_value",
+]
 
 #: Names of the available curvature bounds.
 SOFTMAX_BOUNDS = ("bohning", "paper")
+#: Names of the bounds a two-expert gate also accepts: the per-sample Jaakkola-Jordan bound.
+GATE_BOUNDS = SOFTMAX_BOUNDS + ("jaakkola-jordan",)
+
+
+class JaakkolaJordanBound:
+    r"""The Jaakkola-Jordan (2000) bound of the logistic log-partition, touching at each sample.
+
+    For one free logit ``eta`` (two classes), with ``f(eta) = log(1 + e^eta)``,
+
+    .. math:: f(\eta) \le f(\xi) + f'(\xi)(\eta - \xi) + \lambda(\xi)(\eta - \xi)^2,
+        \qquad \lambda(\xi) = \frac{\tanh(\xi / 2)}{4 \xi}, \quad \lambda(0) = 1/8,
+
+    equal at ``eta = xi`` (and ``eta = -xi``). With ``xi`` the sample's current logit
+    ``omega_n^T u``, the curvature ``2 lambda(xi) <= 1/4`` replaces Böhning's constant ``1/4``
+    per sample: the gate's quadratic term becomes the weighted Gram matrix
+    ``avg(2 lambda(xi_n) u u^T)`` (still closed form, still an exponential-family surrogate),
+    tighter wherever the gate is confident.
+
+    :param torch.dtype dtype: dtype of :attr:`left`.
+    """
+
+    def __init__(self, dtype=torch.float64):
+        #: The Kronecker left factor: the curvature lives in the (weighted) Gram matrix.
+        self.left = torch.ones(1, 1, dtype=dtype)
+
+    @staticmethod
+    def sample_curvature(logits: torch.Tensor) -> torch.Tensor:
+        """``2 lambda(xi) = tanh(xi / 2) / (2 xi)`` element-wise (``1/4`` at ``xi = 0``)."""
+        small = logits.abs() < 1e-4
+        safe = torch.where(small, torch.ones_like(logits), logits)
+        # Series tanh(z)/z = 1 - z^2/3 + O(z^4) with z = xi/2 below 1e-4 (error < 1e-17).
+        return torch.where(small, 0.25 - logits.square() / 48, torch.tanh(safe / 2) / (2 * safe))
+
+    def __repr__(self) -> str:
+        return "JaakkolaJordanBound()"
+
+
+def kronecker_left(curvature) -> torch.Tensor:
+    """The left Kronecker factor of the gate's curvature: ``C`` for a constant bound, ``[[1]]``
+    for a :class:`JaakkolaJordanBound` (whose curvature is inside the Gram matrix)."""
+    if isinstance(curvature, JaakkolaJordanBound):
+        return curvature.left
+    return curvature
 
 
 def softmax_curvature(num_free: int, bound: str = "bohning", dtype=torch.float64) -> torch.Tensor:
@@ -23,9 +74,19 @@ def softmax_curvature(num_free: int, bound: str = "bohning", dtype=torch.float64
       dominates Böhning's bound (their difference ``1/4 I - 1 1^T / (2K(K-1))`` is PSD), equals
       it for ``K = 2``, and gives shorter steps for ``K >= 3``.
 
+    * ``"jaakkola-jordan"`` (two classes only): not a constant, a :class:`JaakkolaJordanBound`
+      whose per-sample curvature the gate block evaluates at the current logits.
+
     :param int num_free: number of free logits ``K - 1``.
-    :param str bound: ``"bohning"`` or ``"paper"``.
+    :param str bound: ``"bohning"``, ``"paper"`` or ``"jaakkola-jordan"``.
     """
+    if bound == "jaakkola-jordan":
+        if num_free != 1:
+            raise ValueError(
+                f"the Jaakkola-Jordan bound is for two classes (one free logit), got "
+                f"{num_free + 1}; use 'bohning' or 'paper'"
+            )
+        return JaakkolaJordanBound(dtype)
     if bound not in SOFTMAX_BOUNDS:
         raise ValueError(f"unknown softmax bound {bound!r}; choose one of {SOFTMAX_BOUNDS}")
     eye = torch.eye(num_free, dtype=dtype)
