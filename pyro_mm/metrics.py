@@ -6,7 +6,6 @@ of the reference values (the normalisation that matches the paper's tables).
 """
 
 import dataclasses
-import itertools
 
 import torch
 
@@ -76,24 +75,22 @@ def _expert_vector(params: MoEParams) -> torch.Tensor:
 
 
 def align_experts(estimate: MoEParams, truth: MoEParams) -> MoEParams:
-    """The relabelling of ``estimate``'s experts closest to ``truth`` (Euclidean distance of the
-    stacked expert parameters and full gate rows; exhaustive for ``K <= 8``, Hungarian above)."""
-    num_experts = truth.gate.shape[0] + 1
+    """The relabelling of ``estimate``'s experts closest to ``truth``.
 
-    def cost(order):
-        permuted = _permute(estimate, order)
-        return (_expert_vector(permuted) - _expert_vector(truth)).square().sum() + (
-            (permuted.gate - truth.gate).to(torch.float64).square().sum()
-        )
+    The cost of matching fitted expert ``i`` to true expert ``j`` is the squared Euclidean
+    distance of their stacked expert parameters plus that of their centred full gate rows
+    (centring makes the gate rows independent of which expert is the reference), so the best
+    relabelling is a linear assignment problem, solved exactly by the Hungarian method.
+    """
+    from scipy.optimize import linear_sum_assignment
 
-    if num_experts <= 8:
-        best = min(itertools.permutations(range(num_experts)), key=lambda o: cost(o).item())
-    else:
-        from scipy.optimize import linear_sum_assignment
+    def centred_gate(params):
+        full = torch.nn.functional.pad(params.gate.to(torch.float64), (0, 0, 0, 1))
+        return full - full.mean(0)
 
-        distance = torch.cdist(_expert_vector(truth), _expert_vector(estimate))
-        best = linear_sum_assignment(distance.numpy())[1]
-    return _permute(estimate, list(best))
+    cost = torch.cdist(_expert_vector(truth), _expert_vector(estimate)).square()
+    cost = cost + torch.cdist(centred_gate(truth), centred_gate(estimate)).square()
+    return _permute(estimate, linear_sum_assignment(cost.numpy())[1].tolist())
 
 
 def parameter_error(estimate: MoEParams, truth: MoEParams) -> dict:
