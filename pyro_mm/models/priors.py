@@ -36,9 +36,10 @@ class MoEPriors:
     :param float weight_scale: standard deviation of the normal prior on real parameters.
     :param float variance_concentration: shape ``a`` of the inverse-gamma prior.
     :param float variance_rate: rate (scale) ``b`` of the inverse-gamma prior.
-    :param dict overrides: ``{parameter name: prior}``; a prior is a distribution (scalar,
-        expanded to the parameter's shape, or already of the parameter's shape) or a callable
-        ``value -> distribution`` given the parameter's current value (shape and dtype).
+    :param dict overrides: ``{parameter name: prior}``; a prior is a Pyro distribution (scalar,
+        expanded to the parameter's shape, or already of the parameter's shape; a plain one is
+        rebuilt in the parameter's dtype) or a callable ``value -> distribution`` given the
+        parameter's current value (shape and dtype).
     """
 
     def __init__(
@@ -155,6 +156,7 @@ def _shape_like(name: str, prior: Distribution, value: torch.Tensor) -> Distribu
             f"the prior of {name!r} is a torch.distributions.{type(prior).__name__}; use its "
             f"pyro.distributions counterpart (it has .expand and .to_event)"
         )
+    prior = _in_dtype(name, prior, value.dtype)
     shape = tuple(value.shape)
     if tuple(prior.batch_shape) + tuple(prior.event_shape) == shape:
         return prior.to_event(len(prior.batch_shape)) if prior.batch_shape else prior
@@ -164,6 +166,34 @@ def _shape_like(name: str, prior: Distribution, value: torch.Tensor) -> Distribu
         f"the prior of {name!r} has shape {tuple(prior.batch_shape) + tuple(prior.event_shape)}; "
         f"it must be scalar or match the parameter's shape {shape}"
     )
+
+
+def _in_dtype(name: str, prior: Distribution, dtype: torch.dtype) -> Distribution:
+    """``prior`` rebuilt from its parameters in ``dtype`` (``dist.Normal(0., 2.)`` is float32,
+    the models float64): a prior's draws must match the parameters' dtype."""
+    arguments = {key: getattr(prior, key) for key in prior.arg_constraints}
+    if all(not torch.is_tensor(v) or v.dtype == dtype for v in arguments.values()):
+        rebuilt = prior
+    else:
+        try:
+            rebuilt = type(prior)(
+                **{k: v.to(dtype) if torch.is_tensor(v) else v for k, v in arguments.items()}
+            )
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"the prior of {name!r} cannot be converted to {dtype} ({err}); build it from "
+                f"tensors of dtype {dtype}"
+            ) from None
+    try:
+        mean_dtype = rebuilt.mean.dtype
+    except NotImplementedError:
+        return rebuilt
+    if mean_dtype != dtype:
+        raise TypeError(
+            f"the prior of {name!r} has dtype {mean_dtype} but the parameter has {dtype}; "
+            f"build it from tensors of dtype {dtype}"
+        )
+    return rebuilt
 
 
 def _check_support(name, prior, value, constraint) -> None:
