@@ -201,6 +201,8 @@ class IncrementalMM:
         x, y, local_error = self._checked_batch(x, y)
         params = self._initial_params(x, y, local_error)
         stats, _, _ = self._reduced_statistics(params, x, y, None)
+        _check_finite_statistics(stats)
+        self._warn_if_ill_conditioned(stats)
         self.params, self.statistics = params, stats
         self.averaged_params, self.num_steps = None, 0
         self.model.set_params(params)
@@ -238,12 +240,10 @@ class IncrementalMM:
         gamma = float(self.schedule(self.num_steps + 1))
         # At the first step s_0 = S(theta_0; z_1) is the batch's own statistic.
         previous = batch_stats if self.statistics is None else self.statistics
+        if self.statistics is None:
+            self._warn_if_ill_conditioned(batch_stats)
         stats = tree_map(lambda s, b: torch.lerp(s, b, gamma), previous, batch_stats)
-        if not _all_finite(tree_leaves(stats)):
-            raise FloatingPointError(
-                "the batch's statistics overflow the model's dtype (products of features or "
-                "outputs too large: standardise the data); the state was left unchanged"
-            )
+        _check_finite_statistics(stats)
         new_params, report = solve_mixture(
             stats, params, self.expert_surrogate, self.curvature, self.gate_eps
         )
@@ -306,6 +306,21 @@ class IncrementalMM:
         return mixture_statistics(
             self.expert_surrogate, params, u, r, y, self.curvature, self.gate_eps
         )
+
+    def _warn_if_ill_conditioned(self, stats) -> None:
+        """Warns when the gate features' Gram matrix is too ill-conditioned for ``dtype``: the
+        solves then lose ``log10(condition number)`` of the dtype's significant digits."""
+        condition = float(torch.linalg.cond(stats.gate.gram.double()))
+        if not condition * torch.finfo(self.dtype).eps < 1e-2:
+            digits = -math.log10(torch.finfo(self.dtype).eps)
+            warnings.warn(
+                f"the gate features' Gram matrix has condition number {condition:.1e} (constant, "
+                f"duplicated or badly scaled features): the {self.dtype} solves, which carry "
+                f"about {digits:.0f} significant digits, may lose most of them; standardise the "
+                f"inputs (or use float64)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     @property
     def _is_first_rank(self) -> bool:
@@ -442,6 +457,14 @@ class IncrementalMM:
             self.averaged_params = tree_map(
                 lambda avg, new: avg + (new - avg) / count, self.averaged_params, self.params
             )
+
+
+def _check_finite_statistics(stats) -> None:
+    if not _all_finite(tree_leaves(stats)):
+        raise FloatingPointError(
+            "the batch's statistics overflow the model's dtype (products of features or "
+            "outputs too large: standardise the data); the state was left unchanged"
+        )
 
 
 def _all_finite(tensors) -> bool:
