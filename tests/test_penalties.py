@@ -7,8 +7,9 @@ import torch
 from helpers import random_gaussian_params
 from sklearn.linear_model import Lasso
 
+from pyro_mm import GaussianMoE, IncrementalMM
 from pyro_mm.models.features import PolynomialFeatures
-from pyro_mm.models.params import tree_map
+from pyro_mm.models.params import GaussianExpertParams, MoEParams, tree_map
 from pyro_mm.surrogates import (
     GaussianExpertSurrogate,
     gate_surrogate_value,
@@ -57,13 +58,11 @@ def _setup(seed, num_experts=3, in_features=4, out_features=2):
     return x, y, features(x), resp, previous
 
 
-def _penalised_surrogate(params, stats, ridge_mass, penalty, anchor, prior):
-    """The expert surrogate with the lasso replaced by its majoriser at ``anchor``."""
+def _coefficient_surrogate(weight, variance, stats, ridge_mass, penalty, anchor):
+    """The expert surrogate at fixed variances, with the lasso majorised at ``anchor``."""
+    params = GaussianExpertParams(weight=weight, variance=variance)
     value = gaussian_expert_surrogate_value(params, stats, ridge_mass)
-    value = value + (penalty.majoriser_value(params.weight, anchor) / params.variance).sum()
-    if prior is not None:
-        value = value + prior.value(params.variance).sum()
-    return value
+    return value + penalty.majoriser_value(weight, anchor).sum()
 
 
 @pytest.mark.parametrize("prior", [None, InverseGammaPrior(2.0, 0.5, 50.0)])
@@ -76,8 +75,16 @@ def test_penalised_expert_solve_is_the_argmin_and_descends(prior):
     assert not report.empty_experts.any() and report.floored_variances == 0
     ridge_mass = 1e-3 * stats.weight
     leaves = tree_map(lambda t: t.clone().requires_grad_(), solved)
-    # Coefficients: argmin of the surrogate with the lasso majorised at the previous point.
-    value = _penalised_surrogate(leaves, stats, ridge_mass, penalty, previous.experts.weight, prior)
+    # Coefficients: argmin at the previous variances of the surrogate with the lasso majorised
+    # at the previous coefficients.
+    value = _coefficient_surrogate(
+        leaves.weight,
+        previous.experts.variance,
+        stats,
+        ridge_mass,
+        penalty,
+        previous.experts.weight,
+    )
     (weight_grad,) = torch.autograd.grad(value, leaves.weight)
     assert weight_grad.abs().max() < 1e-9
     # Variances: exact argmin of the penalised surrogate given the coefficients.
@@ -115,8 +122,10 @@ def _mm_lasso(stats, previous, penalty, iterations=3000):
 @pytest.mark.parametrize("alpha", [0.02, 0.1])
 def test_l1_mm_update_matches_coordinate_descent_lasso(alpha):
     """On a fixed weighting, iterating the penalised expert update converges to the weighted
-    lasso: scikit-learn's coordinate descent with sample weights (alpha rescaled by the mass,
-    since scikit-learn divides the squared error by the sum of the weights)."""
+    lasso: scikit-learn's coordinate descent with sample weights. At the fixed point the
+    coefficients minimise ``avg tau (y - b.r)^2 / (2 sigma^2) + alpha |b|_1``, i.e. the lasso with
+    ``alpha sigma^2``, divided by the mass since scikit-learn divides the squared error by the
+    sum of the weights."""
     x, y, r, resp, previous = _setup(3, num_experts=2, in_features=6, out_features=1)
     true = torch.tensor([1.5, 0.0, 0.0, -2.0, 0.0, 0.3], dtype=torch.float64)
     y = (x @ true + 0.5 + 0.3 * torch.randn(200, generator=torch.Generator().manual_seed(9)))[
@@ -127,8 +136,8 @@ def test_l1_mm_update_matches_coordinate_descent_lasso(alpha):
     fitted = _mm_lasso(stats, previous.experts, penalty)
     zeros = 0
     for k in range(2):
-        mass = stats.weight[k].item()
-        lasso = Lasso(alpha=alpha / mass, fit_intercept=True, tol=1e-14, max_iter=100_000)
+        scale = fitted.variance[k, 0].item() / stats.weight[k].item()
+        lasso = Lasso(alpha=alpha * scale, fit_intercept=True, tol=1e-14, max_iter=100_000)
         lasso.fit(x.numpy(), y[:, 0].numpy(), sample_weight=resp[:, k].numpy())
         expected = np.concatenate([[lasso.intercept_], lasso.coef_])
         assert np.abs(fitted.weight[k, 0].numpy() - expected).max() < 1e-6
@@ -191,3 +200,35 @@ def test_bad_penalties_are_named():
     stats = GateStatistics(linear=previous.gate, gram=torch.eye(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="previous"):
         solve_gate(stats, softmax_curvature(2), EPS, CoefficientPenalty(l1=0.1))
+
+
+def test_incremental_mm_with_lasso_recovers_a_sparse_support():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.zeros(2, 1, 11, dtype=torch.float64)
+    weight[0, 0, [0, 2, 5]] = torch.tensor([2.0, 1.5, -1.0], dtype=torch.float64)
+    weight[1, 0, [0, 3, 8]] = torch.tensor([-2.0, -1.5, 1.2], dtype=torch.float64)
+    gate = torch.zeros(1, 11, dtype=torch.float64)
+    gate[0, 4] = 2.5
+    truth = MoEParams(gate=gate, experts=GaussianExpertParams(weight, torch.full((2, 1), 0.25)))
+    sampler = GaussianMoE(2, 10).double()
+
+    def fit(**options):
+        model = GaussianMoE(2, 10).double()
+        start = MoEParams(
+            gate=gate + 0.2, experts=GaussianExpertParams(weight + 0.1, 0.5 * torch.ones(2, 1))
+        )
+        model.set_params(start)
+        infer = IncrementalMM(model, init="current", **options)
+        for _ in range(30):
+            x = torch.randn(200, 10, generator=generator, dtype=torch.float64)
+            infer.step(x, sampler.sample(x, truth, generator=generator)[0])
+        return infer.params
+
+    off_support = (weight[:, 0, 1:] == 0).unsqueeze(1)
+    plain = fit()
+    sparse = fit(penalty=CoefficientPenalty(l1=0.04), gate_penalty=CoefficientPenalty(l1=0.01))
+    # Without the penalty most irrelevant coefficients stay visibly non-zero.
+    assert (plain.experts.weight[:, :, 1:][off_support].abs() > 1e-3).sum() >= 8
+    assert sparse.experts.weight[:, :, 1:][off_support].abs().max() < 1e-3
+    assert sparse.experts.weight[:, :, 1:][~off_support].abs().min() > 0.5
+    assert (sparse.gate[0, 1:].abs() > 1e-3).tolist() == (gate[0, 1:] != 0).tolist()

@@ -6,6 +6,7 @@ from .history import FitHistory
 from .incremental_mm import IncrementalMM
 from .mirror_descent_em import MirrorDescentEM
 from .schedules import ConstantStep, PowerDecay
+from .stability import StatisticsTruncation
 
 __all__ = [
     "EM",
@@ -15,5 +16,6 @@ __all__ = [
     "IncrementalMM",
     "MirrorDescentEM",
     "PowerDecay",
+    "StatisticsTruncation",
     "batch_mm",
 ]

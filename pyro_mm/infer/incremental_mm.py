@@ -81,7 +81,8 @@ class IncrementalMM:
     :param MixtureOfExperts model: the model to fit; it is moved to ``dtype``.
     :param schedule: step sizes ``n -> gamma_n``; default :class:`PowerDecay` ``(1.0, 0.6)``.
     :param int polyak_start: start averaging the iterates at this step (``None``: no averaging).
-    :param str gate_bound: curvature bound of the softmax, ``"bohning"`` or ``"paper"``.
+    :param str gate_bound: curvature bound of the softmax, ``"bohning"`` or ``"paper"``, or for
+        two experts the per-sample ``"jaakkola-jordan"`` (see ``benchmarks/bounds.py``).
     :param float gate_eps: the ``eps* I`` added to the gate curvature (keeps it definite).
     :param float ridge: ridge on the expert coefficients (relative to each expert's mass).
     :param float variance_floor: smallest expert variance (a collapsing variance is floored).
@@ -97,6 +98,15 @@ class IncrementalMM:
         regardless) or a ``torch.distributed`` process group. Resolved at construction.
     :param str on_bad_batch: ``"raise"`` (default) or ``"skip"`` (a bad batch leaves the state
         unchanged, returns ``nan``, warns and is counted).
+    :param penalty: a :class:`~pyro_mm.surrogates.penalties.CoefficientPenalty` (lasso/ridge)
+        on the expert coefficients, passed to the expert block (MAP inside MM).
+    :param gate_penalty: a :class:`~pyro_mm.surrogates.penalties.CoefficientPenalty` on the
+        gate weights, inside the gate's quadratic-bound solve.
+    :param variance_prior: an :class:`~pyro_mm.surrogates.penalties.InverseGammaPrior` on the
+        expert variances, passed to the expert block.
+    :param stability: a :class:`~pyro_mm.infer.stability.StatisticsTruncation` keeping the
+        running statistics in expanding compact sets (truncations counted in
+        ``regularisation["truncations"]``); ``None``: no truncation.
     """
 
     def __init__(
@@ -114,6 +124,10 @@ class IncrementalMM:
         dtype: torch.dtype = torch.float64,
         process_group=None,
         on_bad_batch: str = "raise",
+        penalty=None,
+        gate_penalty=None,
+        variance_prior=None,
+        stability=None,
     ):
         if not isinstance(model, MixtureOfExperts):
             raise TypeError(
@@ -145,9 +159,15 @@ class IncrementalMM:
         self.on_bad_batch = on_bad_batch
         self.process_group = resolve_process_group(process_group)
         self.curvature = softmax_curvature(model.num_experts - 1, gate_bound, dtype)
+        penalties = {"penalty": penalty, "variance_prior": variance_prior}
         self.expert_surrogate = expert_surrogate_for(
-            model, ridge=ridge, variance_floor=variance_floor
+            model,
+            ridge=ridge,
+            variance_floor=variance_floor,
+            **{name: value for name, value in penalties.items() if value is not None},
         )
+        self.gate_penalty, self.stability, self.stability_state = gate_penalty, stability, None
+        self._penalties = repr((penalty, gate_penalty, variance_prior, stability))
         #: current iterate ``theta_n`` (``None`` before initialisation).
         self.params: MoEParams = None
         #: Polyak average of the iterates (``None`` until averaging starts).
@@ -164,6 +184,7 @@ class IncrementalMM:
             "empty_expert_steps": 0,
             "floored_variances": 0,
             "skipped_batches": 0,
+            "truncations": 0,
         }
         self.history = FitHistory()
 
@@ -243,16 +264,21 @@ class IncrementalMM:
         if self.statistics is None:
             self._warn_if_ill_conditioned(batch_stats)
         stats = tree_map(lambda s, b: torch.lerp(s, b, gamma), previous, batch_stats)
+        stability_state = self.stability_state
+        if self.stability is not None:
+            stats, stability_state = self.stability.project(stats, stability_state)
         _check_finite_statistics(stats)
         new_params, report = solve_mixture(
-            stats, params, self.expert_surrogate, self.curvature, self.gate_eps
+            stats, params, self.expert_surrogate, self.curvature, self.gate_eps, self.gate_penalty
         )
         if not _all_finite(tree_leaves(new_params)):
             raise FloatingPointError(
                 "the MM update produced non-finite parameters; the state was left unchanged "
                 "(increase gate_eps or ridge, or standardise the data)"
             )
-        self.statistics, self.params = stats, new_params
+        if stability_state is not None and self.stability_state is not None:
+            self.regularisation["truncations"] += stability_state.count - self.stability_state.count
+        self.statistics, self.params, self.stability_state = stats, new_params, stability_state
         self.num_steps += 1
         self.samples_seen += num_rows
         self.regularisation["empty_expert_steps"] += int(bool(report.empty_experts.any()))
@@ -390,6 +416,7 @@ class IncrementalMM:
             "ridge": self.ridge,
             "variance_floor": self.variance_floor,
             "dtype": str(self.dtype),
+            "penalties_and_stability": self._penalties,
         }
 
     def state_dict(self) -> dict:
@@ -411,6 +438,7 @@ class IncrementalMM:
             "samples_seen": self.samples_seen,
             "regularisation": dict(self.regularisation),
             "history": self.history.as_dict(),
+            "stability_state": tree_state(self.stability_state),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -444,6 +472,7 @@ class IncrementalMM:
         self.num_steps, self.samples_seen = int(state["num_steps"]), int(state["samples_seen"])
         self.regularisation = dict(state["regularisation"])
         self.history = history
+        self.stability_state = load_tree_state(state.get("stability_state"))
         if params is not None:
             self.model.set_params(self.estimate)
 
