@@ -2,12 +2,15 @@
 
 from .base import MixtureOfExperts
 from .features import CallableFeatures, PolynomialFeatures
+from .full_covariance_gaussian_moe import FullCovarianceExpertParams, FullCovarianceGaussianMoE
 from .gaussian_moe import GaussianMoE
 from .multinomial_moe import MultinomialMoE
 from .params import GaussianExpertParams, MoEParams, MultinomialExpertParams
 
 __all__ = [
     "CallableFeatures",
+    "FullCovarianceExpertParams",
+    "FullCovarianceGaussianMoE",
     "GaussianExpertParams",
     "GaussianMoE",
     "MixtureOfExperts",

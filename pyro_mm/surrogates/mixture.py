@@ -6,8 +6,6 @@ blocks; every inference class builds on these two functions.
 
 import dataclasses
 
-import torch
-
 from ..models.gating import gate_log_probs
 from ..models.params import MoEParams
 from .gate import GateStatistics, gate_statistics, solve_gate

@@ -5,8 +5,10 @@ pair with :func:`register_expert_surrogate`; no inference code changes.
 """
 
 from ..models.base import MixtureOfExperts
+from ..models.full_covariance_gaussian_moe import FullCovarianceGaussianMoE
 from ..models.gaussian_moe import GaussianMoE
 from ..models.multinomial_moe import MultinomialMoE
+from .full_covariance_expert import FullCovarianceExpertSurrogate
 from .gaussian_expert import GaussianExpertSurrogate
 from .multinomial_expert import MultinomialExpertSurrogate
 
@@ -33,3 +35,4 @@ def expert_surrogate_for(model: MixtureOfExperts, **options):
 
 register_expert_surrogate(GaussianMoE, GaussianExpertSurrogate)
 register_expert_surrogate(MultinomialMoE, MultinomialExpertSurrogate)
+register_expert_surrogate(FullCovarianceGaussianMoE, FullCovarianceExpertSurrogate)
