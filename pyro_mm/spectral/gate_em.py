@@ -7,8 +7,8 @@ With fixed expert means ``m_i(x)`` and Gaussian noise, the E-step gives responsi
 method (:func:`~pyro_mm.surrogates.softmax_regression.fit_softmax_regression`). On the ball the
 constrained argmax is, by the KKT conditions, the unconstrained argmax of
 ``Q(W) - lambda / 2 ||W||^2`` for the ``lambda >= 0`` with ``||W(lambda)||_F = R``;
-``||W(lambda)||`` decreases in ``lambda``, so ``lambda`` is found by bisection, each step a
-warm-started Newton solve. (The paper's domain is a ball per gate row; one ball on the whole
+``||W(lambda)||`` decreases in ``lambda``, so ``lambda`` is found by Brent's method on
+``log lambda``, each evaluation a warm-started Newton solve. (The paper's domain is a ball per gate row; one ball on the whole
 gate keeps a single multiplier and the same role: bounded iterates when the labels are nearly
 separable.) The noise variance is known in the paper; it can also be re-estimated in closed form
 (one variance shared by the experts).
@@ -20,7 +20,7 @@ import math
 import torch
 
 from ..models.gating import gate_log_probs
-from ..surrogates.softmax_regression import fit_softmax_regression
+from ..surrogates.softmax_regression import fit_softmax_regression, softmax_regression_loss
 
 __all__ = ["GateEMResult", "ball_softmax_regression", "fit_gate_em"]
 
@@ -49,7 +49,7 @@ class GateEMResult:
     on_boundary: bool
 
 
-def ball_softmax_regression(features, targets, radius: float = None, init=None, tol=1e-10):
+def ball_softmax_regression(features, targets, radius: float = None, init=None, tol=1e-9):
     """The soft-label softmax regression on the ball ``||W||_F <= radius``.
 
     :param torch.Tensor features: ``(N, D)`` regressors.
@@ -59,29 +59,36 @@ def ball_softmax_regression(features, targets, radius: float = None, init=None, 
     :param float tol: gradient tolerance of the Newton solves.
     :returns: ``(weight, on_boundary)``.
     """
+    from scipy.optimize import brentq
+
     fit = fit_softmax_regression(features, targets, init=init, tol=tol)
     if radius is None or fit.weight.norm() <= radius:
         return fit.weight, False
-    # Grow the multiplier until the ridge solution is inside the ball; ``low`` stays outside.
-    low, high = 0.0, 1e-8
-    weight = fit_softmax_regression(features, targets, init=fit.weight, ridge=high, tol=tol).weight
-    while weight.norm() > radius:
-        low, high = high, high * 10
-        weight = fit_softmax_regression(features, targets, init=weight, ridge=high, tol=tol).weight
-    # ||W(lambda)|| decreases in lambda: bisect it on a log scale between low and high.
-    low = max(low, high * 1e-12)
-    for _ in range(100):
-        middle = math.sqrt(low * high)
-        candidate = fit_softmax_regression(
-            features, targets, init=weight, ridge=middle, tol=tol
+    # First guess of the multiplier from the KKT condition grad f = -lambda W, evaluated at the
+    # radial projection of the unconstrained solution.
+    projected = (fit.weight * (radius / fit.weight.norm())).requires_grad_(True)
+    (gradient,) = torch.autograd.grad(
+        softmax_regression_loss(projected, features, targets), projected
+    )
+    guess = max(-(gradient * projected).sum().item() / radius**2, 1e-12)
+    last = {"weight": projected.detach()}
+
+    def excess(log_ridge: float) -> float:
+        """``log ||W(lambda)|| - log R``, decreasing in ``lambda``."""
+        last["weight"] = fit_softmax_regression(
+            features, targets, init=last["weight"], ridge=math.exp(log_ridge), tol=tol
         ).weight
-        if candidate.norm() > radius:
-            low = middle
-        else:
-            high, weight = middle, candidate
-        if high / low - 1 < 1e-12 or abs(weight.norm().item() - radius) <= 1e-10 * radius:
-            break
-    return weight * min(1.0, radius / weight.norm().item()), True
+        return math.log(last["weight"].norm().item() / radius)
+
+    low = high = math.log(guess)
+    while excess(high) > 0:
+        low, high = high, high + math.log(4.0)
+    while excess(low) < 0:
+        low, high = low - math.log(4.0), low
+    root = brentq(excess, low, high, xtol=1e-12, rtol=1e-12)
+    excess(root)
+    weight = last["weight"]
+    return weight * (radius / weight.norm().item()), True
 
 
 def _log_joint(gate, gate_features, residuals, noise_variance):

@@ -23,9 +23,19 @@ def _normal_two_sided(z: float) -> float:
 
 
 def _chi2_sf(statistic: float, dof: float) -> float:
-    from scipy.stats import chi2
+    """``P(chi2(dof) > statistic)``: the regularised upper incomplete gamma function."""
+    return torch.special.gammaincc(
+        torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(statistic / 2, dtype=torch.float64)
+    ).item()
 
-    return float(chi2.sf(statistic, dof))
+
+def _standardise(x: torch.Tensor):
+    """Eigenvalues of the (MLE) covariance and the rows whitened by their own mean/covariance."""
+    centred = x - x.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / x.shape[0])
+    if eigenvalues.min() <= 1e-12 * eigenvalues.max().clamp_min(1e-300):
+        raise ValueError("x has (nearly) linearly dependent columns: its covariance is singular")
+    return eigenvalues, centred @ (eigenvectors * eigenvalues.rsqrt()) @ eigenvectors.T
 
 
 def standard_gaussian_pvalues(x: torch.Tensor) -> dict:
@@ -42,19 +52,16 @@ def standard_gaussian_pvalues(x: torch.Tensor) -> dict:
     x = x.to(torch.float64)
     num_rows, dim = x.shape
     mean = x.mean(0)
-    centred = x - mean
-    covariance = centred.T @ centred / num_rows
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-    if eigenvalues.min() <= 1e-12 * eigenvalues.max().clamp_min(1e-300):
-        raise ValueError("x has (nearly) linearly dependent columns: its covariance is singular")
+    eigenvalues, standardised = _standardise(x)
     p_mean = _chi2_sf(num_rows * mean.square().sum().item(), dim)
     likelihood_ratio = num_rows * (eigenvalues.sum() - eigenvalues.log().sum() - dim).item()
     p_cov = _chi2_sf(likelihood_ratio, dim * (dim + 1) / 2)
-    standardised = centred @ (eigenvectors * eigenvalues.rsqrt()) @ eigenvectors.T
     kurtosis = standardised.square().sum(-1).square().mean().item()
     z_kurtosis = (kurtosis - dim * (dim + 2)) / math.sqrt(8 * dim * (dim + 2) / num_rows)
-    step = max(1, num_rows // _SKEWNESS_ROWS)
-    sub = standardised[::step]
+    # Mardia's chi2 limit holds for rows standardised by their own mean and covariance: a
+    # subsample is re-standardised, not cut out of the full sample's standardisation.
+    sub = x[:: max(1, num_rows // _SKEWNESS_ROWS)]
+    sub = _standardise(sub)[1] if sub.shape[0] < num_rows else standardised
     skewness = (sub @ sub.T).pow(3).mean().item()
     p_skew = _chi2_sf(sub.shape[0] * skewness / 6, dim * (dim + 1) * (dim + 2) / 6)
     return {

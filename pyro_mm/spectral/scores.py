@@ -75,12 +75,14 @@ class GaussianMixtureScore:
         """
         from sklearn.mixture import GaussianMixture
 
+        if options.get("covariance_type", "full") != "full":
+            raise ValueError(
+                f"GaussianMixtureScore.fit needs covariance_type='full', got "
+                f"{options['covariance_type']!r}"
+            )
         data = torch.as_tensor(x, dtype=torch.float64).numpy()
         fitted = GaussianMixture(num_components, random_state=seed, **options).fit(data)
-        covariances = fitted.covariances_
-        if fitted.covariance_type != "full":
-            raise ValueError("GaussianMixtureScore.fit needs covariance_type='full'")
-        return cls(fitted.weights_ / fitted.weights_.sum(), fitted.means_, covariances)
+        return cls(fitted.weights_ / fitted.weights_.sum(), fitted.means_, fitted.covariances_)
 
     def _components(self, x: torch.Tensor):
         """Per component: posterior ``r_j`` ``(N,)``, ``u_j`` ``(N, d)``, precision ``P_j``."""
@@ -90,7 +92,7 @@ class GaussianMixtureScore:
         posterior = torch.softmax(log_density + self.weights.log().unsqueeze(-1), dim=0)
         return posterior, u, self.precisions
 
-    def check_x(self, x: torch.Tensor) -> None:
+    def _check_x(self, x: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(
                 f"x must have shape (N, {self.in_features}) for this score, got {tuple(x.shape)}"
@@ -98,7 +100,7 @@ class GaussianMixtureScore:
 
     def second_moment(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``mean_n weight_n S2(x_n)``, a symmetric ``(d, d)`` matrix."""
-        self.check_x(x)
+        self._check_x(x)
         posterior, u, precision = self._components(x)
         row_weight = posterior * weight / x.shape[0]  # (J, N)
         moment = (u.transpose(-1, -2) @ (row_weight.unsqueeze(-1) * u)).sum(0)
@@ -112,7 +114,7 @@ class GaussianMixtureScore:
 
         :param torch.Tensor whitening: ``W``, shape ``(d, k)``.
         """
-        self.check_x(x)
+        self._check_x(x)
         posterior, u, precision = self._components(x)
         row_weight = posterior * weight / x.shape[0]  # (J, N)
         projected = u @ whitening  # (J, N, k)
