@@ -3,10 +3,34 @@ import torch
 
 from pyro_mm import EM, GaussianMoE, MirrorDescentEM, MultinomialMoE, PowerDecay
 from pyro_mm.datasets import gaussian_moe_stream, gaussian_moe_truth, sample_gaussian_moe
+from pyro_mm.datasets.synthetic import multinomial_moe_truth, sample_multinomial_moe
 from pyro_mm.models.gating import gate_log_probs
 from pyro_mm.models.gaussian_moe import gaussian_expert_means
 from pyro_mm.models.params import GaussianExpertParams, MoEParams, tree_leaves
-from pyro_mm.surrogates import expert_surrogate_for
+from pyro_mm.surrogates import (
+    GaussianExpertSurrogate,
+    expert_surrogate_for,
+    register_expert_surrogate,
+)
+
+
+class _SurrogateWithoutMeanStatistics:
+    """A Gaussian expert block that does not expose its mean parameters."""
+
+    def __init__(self, **options):
+        self._block = GaussianExpertSurrogate(**options)
+
+    def __getattr__(self, name):
+        if name == "mean_statistics":
+            raise AttributeError(name)
+        return getattr(self._block, name)
+
+
+class _MeanlessGaussianMoE(GaussianMoE):
+    pass
+
+
+register_expert_surrogate(_MeanlessGaussianMoE, _SurrogateWithoutMeanStatistics)
 
 
 def _data(num_experts=3, in_features=2, out_features=1, num_samples=1500, seed=0):
@@ -141,6 +165,15 @@ def test_stochastic_mirror_descent_over_a_stream_approaches_the_truth():
     assert len(md.fit(x, y, epochs=2, progress=False)) == 8
 
 
+def test_multinomial_experts_take_a_monotone_mm_step_on_the_mirror_objective():
+    truth = multinomial_moe_truth(2, 2, 3, seed=0)
+    x, y = sample_multinomial_moe(truth, 1000, seed=1)
+    md = MirrorDescentEM(MultinomialMoE(2, 2, 3), step_size=0.5)
+    losses = [md.step(x, y) for _ in range(15)] + [md.evaluate_loss(x, y)]
+    assert torch.tensor(losses).diff().max() <= 1e-10
+    assert losses[-1] < losses[0] - 0.01
+
+
 def test_bad_input_is_rejected_before_any_state_change():
     x, y = _data(2, 2, 1, num_samples=300, seed=11)
     with pytest.raises(ValueError, match="step_size"):
@@ -152,7 +185,7 @@ def test_bad_input_is_rejected_before_any_state_change():
     with pytest.raises(ValueError, match="batch_size"):
         MirrorDescentEM(GaussianMoE(2, 2), batch_size=0)
     with pytest.raises(TypeError, match="mean_statistics"):
-        MirrorDescentEM(MultinomialMoE(2, 2, 3))
+        MirrorDescentEM(_MeanlessGaussianMoE(2, 2))
     md = MirrorDescentEM(GaussianMoE(2, 2), step_size=lambda n: 1.0 if n == 1 else 2.0)
     md.step(x, y)
     before = [t.clone() for t in tree_leaves(md.params)]

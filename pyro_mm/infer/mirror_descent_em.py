@@ -14,8 +14,9 @@ with ``K(theta_t, theta) = avg_n KL(p_{theta_t}(y, z | x_n) || p_theta(y, z | x_
 * **gate** (exact, no projection needed): ``grad A(W) = avg_n g(x_n; W) u_n^T``, so the step is the
   soft-label softmax regression with targets ``(1 - eta) g(x; W_t) + eta tau``, solved by Newton
   to a gradient tolerance: ``avg g(x; W_{t+1}) u^T = (1 - eta) avg g(x; W_t) u^T + eta avg tau u^T``.
-* **experts** (exact): the expert statistics are the complete-data sufficient statistics, so the
-  expert step solves the mixed statistics ``(1 - eta) m(theta_t) + eta S(theta_t)``, where ``m`` are
+* **experts** (exact for Gaussian experts, whose statistics are the complete-data sufficient
+  statistics; one MM step for families with bound statistics): the expert step solves the mixed
+  statistics ``(1 - eta) m(theta_t) + eta S(theta_t)``, where ``m`` are
   the statistics expected under the current experts with gate weights ``g(x; W_t)``
   (``mean_statistics`` of the expert surrogate). The solve is the M-projection: a Gaussian MoE is a
   curved family (the statistics ``tau_k r r^T`` outnumber the parameters), so
@@ -68,8 +69,11 @@ class MirrorDescentEM(EMLikeInference):
     The estimate is written into ``model`` after every step.
 
     :param MixtureOfExperts model: the model to fit; its expert surrogate must provide
-        ``mean_statistics`` and a ``solve`` that is the exact M-step of its statistics (true for
-        Gaussian experts).
+        ``mean_statistics``. The expert step is exact when the surrogate's ``solve`` is the exact
+        M-step of its statistics (Gaussian experts, diagonal or full covariance). Multinomial
+        experts keep quadratic-bound statistics: their step is one MM step on the
+        mirror-descent objective (still monotone, not its minimiser), so ``step_size=1`` is
+        then EM for the gate but batch MM for the experts; use :class:`EM` for exact EM there.
     :param step_size: ``eta`` in ``(0, 1]``, or a schedule ``n -> eta_n`` (e.g.
         :class:`~pyro_mm.infer.PowerDecay` for a stream).
     :param int batch_size: rows per step used by :meth:`fit` on array inputs (``None``: the whole
