@@ -1,6 +1,11 @@
 """Where float32 statistics are safe (standardised inputs: the fit agrees with float64 to ~1e-5)
 and where they are not (inputs far from zero: the Gram matrices' condition number eats float32's
-seven digits and the fit is wrong; IncrementalMM warns at the first step)."""
+seven digits and the fit is wrong; IncrementalMM warns at the first step).
+
+Measured on this generator (K=2, P=10, 20k rows, batch 500), loss of the float32 fit minus that of
+the float64 fit: 2e-5 nats for x shifted by 30, 1e-3 by 100, 0.64 by 300, 1.4 by 1000; by 3000
+float32 raises FloatingPointError (overflowing statistics). float64 is unaffected up to ~100.
+"""
 
 import warnings
 
@@ -70,17 +75,14 @@ def test_float32_agrees_with_float64_on_standardised_inputs(data):
 
 
 def test_float32_is_unsafe_for_inputs_far_from_zero(data):
-    """Inputs shifted by 100: the Gram matrix [1, x + 100] has condition number ~1e10."""
+    """Inputs shifted by 300: the Gram matrix of [1, x + 300] has condition number ~1e11, beyond
+    float32's seven digits; float64 still fits (its loss is within 0.01 nats of the unshifted
+    fit's), float32 is more than half a nat worse, and the first step warns."""
     truth, x, y = data
-    shifted_truth = _shifted(truth, 100.0)
-    start = _start(truth)
-    start = _shifted(start, 100.0)
-    with pytest.warns(RuntimeWarning, match="condition number 1.0e\\+10"):
-        single = _fit(torch.float32, x + 100.0, y, start)
-    double = _fit(torch.float64, x + 100.0, y, start)
-    assert parameter_error(double.params, shifted_truth)["total"] < 0.05
-    assert parameter_error(tree_to(single.params, torch.float64), shifted_truth)["total"] > 1.0
-    assert (
-        single.evaluate_loss((x + 100.0).float(), y.float())
-        > double.evaluate_loss(x + 100.0, y) + 0.5
-    )
+    start = _shifted(_start(truth), 300.0)
+    with pytest.warns(RuntimeWarning, match=r"condition number \d\.\de\+1[01] "):
+        single = _fit(torch.float32, x + 300.0, y, start)
+    double = _fit(torch.float64, x + 300.0, y, start)
+    double_loss = double.evaluate_loss(x + 300.0, y)
+    assert double_loss < _fit(torch.float64, x, y, _start(truth)).evaluate_loss(x, y) + 0.01
+    assert single.evaluate_loss((x + 300.0).float(), y.float()) > double_loss + 0.5

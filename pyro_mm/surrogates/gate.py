@@ -22,6 +22,9 @@ from .softmax_bound import (
 
 __all__ = ["GateStatistics", "gate_statistics", "solve_gate", "gate_surrogate_value"]
 
+#: Largest number of gate weights ``(K - 1) D_g`` solved densely (see :func:`solve_gate`).
+_DENSE_SIZE = 64
+
 
 @dataclasses.dataclass
 class GateStatistics:
@@ -81,6 +84,10 @@ def solve_gate(
 ) -> torch.Tensor:
     """The closed-form argmin ``omega = (avg B)^{-1} avg(B omega_n + xi - grad)``.
 
+    Without a penalty the system is solved by one Cholesky factorisation of ``avg B`` when it
+    has at most ``_DENSE_SIZE`` rows, else through the eigendecompositions of its Kronecker
+    factors (:func:`~pyro_mm.surrogates.softmax_bound.solve_kronecker`); both are exact.
+
     With a ``penalty`` (lasso/ridge on the gate weights, majorised at ``previous``), its
     diagonal ``D`` joins the system: ``omega = (avg B + D)^{-1} avg(B omega_n + xi - grad)``.
     ``D`` breaks the Kronecker structure, so this system is solved densely (size
@@ -92,6 +99,10 @@ def solve_gate(
     """
     left = kronecker_left(curvature)
     if penalty is None or not penalty.active:
+        if stats.linear.numel() <= _DENSE_SIZE:
+            weight = _solve_small_kronecker(left, stats.gram, eps, stats.linear)
+            if weight is not None:
+                return weight
         return solve_kronecker(left, stats.gram, eps, stats.linear)
     if previous is None:
         raise ValueError("a gate penalty is majorised at the current gate: pass previous")
@@ -100,6 +111,18 @@ def solve_gate(
     factor = torch.linalg.cholesky(system)
     solution = torch.cholesky_solve(stats.linear.reshape(-1, 1), factor)
     return solution.reshape(stats.linear.shape)
+
+
+def _solve_small_kronecker(left, gram, eps: float, rhs):
+    """:func:`solve_kronecker` by one Cholesky factorisation of the ``(K - 1) D_g``-square
+    matrix ``left (x) gram + eps I``: at sizes up to ``_DENSE_SIZE`` several times cheaper than
+    two eigendecompositions. ``None`` when round-off makes the matrix indefinite."""
+    system = torch.kron(left, gram)
+    system.diagonal().add_(eps)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if info:
+        return None
+    return torch.cholesky_solve(rhs.reshape(-1, 1), factor).reshape(rhs.shape)
 
 
 def gate_surrogate_value(

@@ -105,7 +105,7 @@ def _penalised_residual(weight, stats: GaussianExpertStatistics, penalty) -> tor
 def _solve_definite(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``system^{-1} rhs`` for batched symmetric positive (semi-)definite systems."""
     factor, info = torch.linalg.cholesky_ex(system)
-    if bool((info > 0).any()):
+    if info.any():
         # Round-off made a nearly singular Gram matrix indefinite: fall back to a least-squares
         # solve, which is slower but never fails.
         return torch.linalg.lstsq(system, rhs).solution
@@ -156,16 +156,18 @@ def solve_gaussian_experts(
         scaled = previous.variance.unsqueeze(-1) * coefficient_penalty.curvature(previous.weight)
         system = system.unsqueeze(1) + torch.diag_embed(scaled)
         weight = _solve_definite(system, stats.cross.unsqueeze(-1)).squeeze(-1)
+        residual = _penalised_residual(weight, stats, penalty)
     else:
         weight = _solve_definite(system, stats.cross.transpose(1, 2)).transpose(1, 2)
-    residual = _penalised_residual(weight, stats, penalty)
+        # At the solution of (G + lambda I) w = c, w^T (G + lambda I) w = w . c.
+        residual = stats.square - (weight * stats.cross).sum(-1)
     denominator = mass[:, None]
     if variance_prior is not None:
         residual = residual + variance_prior.residual_shift
         denominator = denominator + variance_prior.mass_shift
     variance = residual / denominator
     floored = variance < variance_floor
-    variance = torch.where(floored, torch.full_like(variance, variance_floor), variance)
+    variance = variance.clamp_min(variance_floor)
     weight = torch.where(empty[:, None, None], previous.weight, weight)
     variance = torch.where(empty[:, None], previous.variance, variance)
     report = SolveReport(

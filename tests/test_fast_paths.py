@@ -1,0 +1,99 @@
+"""The throughput rewrites of the hot path compute what the plain formulas compute."""
+
+import pytest
+import torch
+from helpers import random_gaussian_params
+
+from pyro_mm import GaussianMoE
+from pyro_mm.models.gating import gate_log_probs, gate_logits
+from pyro_mm.models.gaussian_moe import gaussian_expert_log_prob, gaussian_expert_means
+from pyro_mm.surrogates import GaussianExpertSurrogate, e_step, softmax_curvature
+from pyro_mm.surrogates.gate import _DENSE_SIZE, GateStatistics, solve_gate
+from pyro_mm.surrogates.gaussian_expert import (
+    _penalised_residual,
+    gaussian_expert_statistics,
+    solve_gaussian_experts,
+)
+from pyro_mm.surrogates.softmax_bound import solve_kronecker
+
+
+def _data(num_rows, dim, out_features, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(num_rows, dim, generator=generator, dtype=torch.float64)
+    features[:, 0] = 1.0
+    y = torch.randn(num_rows, out_features, generator=generator, dtype=torch.float64)
+    return features, y, generator
+
+
+@pytest.mark.parametrize("num_experts, dim", [(2, 11), (4, 9), (8, 10), (3, 40)])
+def test_gate_solve_equals_the_eigendecomposition_solve(num_experts, dim):
+    features, _, generator = _data(300, dim, 1)
+    gram = features.T @ features / 300
+    linear = torch.randn(num_experts - 1, dim, generator=generator, dtype=torch.float64)
+    curvature = softmax_curvature(num_experts - 1, "paper")
+    expected = solve_kronecker(curvature, gram, 1e-6, linear)
+    solved = solve_gate(GateStatistics(linear=linear, gram=gram), curvature, 1e-6)
+    dense = (num_experts - 1) * dim <= _DENSE_SIZE
+    assert dense == ((num_experts, dim) in [(2, 11), (4, 9)])
+    assert torch.allclose(solved, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_gate_log_probs_are_the_log_softmax_of_the_logits_also_batched():
+    features, _, generator = _data(50, 4, 1)
+    weight = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)  # batch of 3
+    expected = torch.log_softmax(gate_logits(weight, features), -1)
+    assert torch.allclose(gate_log_probs(weight, features), expected, atol=1e-14)
+
+
+@pytest.mark.parametrize("out_features", [1, 3])
+def test_expert_log_prob_and_e_step_match_the_plain_formulas(out_features):
+    features, y, generator = _data(60, 5, out_features)
+    params = random_gaussian_params(3, 5, out_features, 5, generator)
+    means = gaussian_expert_means(params.experts.weight, features)
+    normal = torch.distributions.Normal(means, params.experts.variance.sqrt())
+    log_expert = normal.log_prob(y.unsqueeze(-2)).sum(-1)
+    assert torch.allclose(
+        gaussian_expert_log_prob(params.experts, features, y), log_expert, atol=1e-12
+    )
+    y[0] = 1e200  # a row whose every expert density underflows to zero
+    log_joint = torch.log_softmax(gate_logits(params.gate, features), -1) + normal.log_prob(
+        y.unsqueeze(-2)
+    ).sum(-1)
+    gate_probs, resp, log_lik = e_step(GaussianExpertSurrogate(), params, features, features, y)
+    assert torch.equal(log_lik[0], torch.logsumexp(log_joint, -1)[0])  # -inf, as logsumexp
+    assert torch.allclose(log_lik[1:], torch.logsumexp(log_joint, -1)[1:], atol=1e-12)
+    assert torch.allclose(resp[1:], torch.softmax(log_joint, -1)[1:], atol=1e-14)
+    assert torch.allclose(gate_probs, torch.softmax(gate_logits(params.gate, features), -1))
+
+
+def test_expert_statistics_match_a_loop_over_experts():
+    features, y, generator = _data(80, 4, 2)
+    resp = torch.softmax(torch.randn(80, 3, generator=generator, dtype=torch.float64), -1)
+    stats = gaussian_expert_statistics(resp, features, y)
+    for k in range(3):
+        weighted = features * resp[:, k : k + 1]
+        assert torch.allclose(stats.gram[k], weighted.T @ features / 80, atol=1e-14)
+        assert torch.allclose(stats.cross[k], y.T @ weighted / 80, atol=1e-14)
+        assert torch.allclose(stats.square[k], resp[:, k] @ y.square() / 80, atol=1e-14)
+    assert torch.allclose(stats.weight, resp.mean(0))
+
+
+def test_expert_variance_uses_the_normal_equations_identity():
+    features, y, generator = _data(200, 4, 2)
+    resp = torch.softmax(torch.randn(200, 3, generator=generator, dtype=torch.float64), -1)
+    stats = gaussian_expert_statistics(resp, features, y)
+    previous = random_gaussian_params(3, 4, 2, 4, generator).experts
+    params, _ = solve_gaussian_experts(stats, previous, ridge=1e-3, variance_floor=1e-12)
+    penalty = 1e-3 * stats.weight
+    expected = _penalised_residual(params.weight, stats, penalty) / stats.weight[:, None]
+    assert torch.allclose(params.variance, expected, rtol=1e-12)
+
+
+def test_features_are_computed_once_when_the_maps_are_equal():
+    x = torch.randn(10, 3, dtype=torch.float64)
+    same = GaussianMoE(2, 3).double()
+    gate_features, expert_features = same.features(x)
+    assert gate_features is expert_features
+    different = GaussianMoE(2, 3, gate_degree=2).double()
+    gate_features, expert_features = different.features(x)
+    assert gate_features.shape == (10, 7) and expert_features.shape == (10, 4)
