@@ -110,6 +110,12 @@ def fit_softmax_regression(
                 gradient.shape
             )
         slope = (gradient * direction).sum()
+        if -slope <= 1e-14 * max(1.0, abs(loss.item())):
+            # The predicted decrease is below the loss's round-off, so a line search cannot
+            # see it; Newton is in its quadratic phase and the full step is the right one.
+            weight = weight + direction
+            loss = softmax_regression_loss(weight, features, targets, sample_weight, ridge)
+            continue
         step = 1.0
         while True:
             candidate = weight + step * direction
@@ -125,4 +131,4 @@ def fit_softmax_regression(
         weight, loss = candidate, candidate_loss
     gradient, _ = _gradient_and_hessian(weight, features, targets, sample_weight, ridge)
     grad_norm = gradient.abs().max().item()
-    return SoftmaxRegressionResult(weight, max_iter, grad_norm, grad_norm < tol)
+    return SoftmaxRegressionResult(weight, iteration, grad_norm, grad_norm < tol)

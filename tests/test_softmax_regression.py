@@ -1,0 +1,32 @@
+import torch
+
+from pyro_mm.surrogates import fit_softmax_regression, softmax_regression_loss
+
+
+def _problem(seed, num_rows=3000, num_features=5, num_classes=4):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_rows, num_features, generator=generator, dtype=torch.float64)
+    x[:, 0] = 1.0
+    weight = torch.randn(num_classes - 1, num_features, generator=generator, dtype=torch.float64)
+    probs = torch.softmax(torch.nn.functional.pad(x @ weight.T, (0, 1)), -1)
+    targets = torch.distributions.Dirichlet(20 * probs + 0.1).sample()
+    sample_weight = torch.rand(num_rows, generator=generator, dtype=torch.float64)
+    return x, targets, sample_weight
+
+
+def test_newton_reaches_a_zero_gradient_quickly():
+    for seed in range(3):
+        x, targets, sample_weight = _problem(seed)
+        result = fit_softmax_regression(x, targets, sample_weight, ridge=1e-3)
+        assert result.converged and result.iterations <= 15
+        weight = result.weight.clone().requires_grad_()
+        loss = softmax_regression_loss(weight, x, targets, sample_weight, ridge=1e-3)
+        (gradient,) = torch.autograd.grad(loss, weight)
+        assert gradient.abs().max() < 1e-10
+
+
+def test_a_tolerance_below_round_off_ends_without_a_long_line_search():
+    x, targets, sample_weight = _problem(5)
+    result = fit_softmax_regression(x, targets, sample_weight, tol=1e-17, max_iter=12)
+    # tol cannot be met in float64, but the iterate is the optimum to round-off.
+    assert not result.converged and result.grad_norm < 1e-13
