@@ -168,11 +168,11 @@ def solve_gaussian_experts(
     variance = residual / denominator
     floored = variance < variance_floor
     variance = variance.clamp_min(variance_floor)
-    weight = torch.where(empty[:, None, None], previous.weight, weight)
-    variance = torch.where(empty[:, None], previous.variance, variance)
-    report = SolveReport(
-        empty_experts=empty, floored_variances=int((floored & ~empty[:, None]).sum())
-    )
+    if empty.any():
+        weight = torch.where(empty[:, None, None], previous.weight, weight)
+        variance = torch.where(empty[:, None], previous.variance, variance)
+        floored = floored & ~empty[:, None]
+    report = SolveReport(empty_experts=empty, floored_variances=int(floored.sum()))
     return GaussianExpertParams(weight=weight, variance=variance), report
 
 
