@@ -365,6 +365,8 @@ def test_surrogate_options_are_validated_and_registered():
         MultinomialExpertSurrogate(ridge=0.0)
     with pytest.raises(ValueError, match="unknown softmax bound"):
         MultinomialExpertSurrogate(bound="jaakkola")
+    with pytest.raises(ValueError, match="no coefficient penalty or variance prior"):
+        expert_surrogate_for(model, ridge=1e-4, penalty=object())
 
 
 # ---------------------------------------------------------------------- unchanged inference

@@ -159,6 +159,9 @@ class MultinomialExpertSurrogate:
         and ignored (these experts have no variance).
     :param float min_weight: responsibility mass below which an expert counts as empty.
     :param str bound: curvature bound of the experts' softmax, ``"bohning"`` or ``"paper"``.
+    :param penalty: not supported (``None``): a lasso's diagonal curvature would break the
+        Kronecker structure of the solve; use ``ridge``.
+    :param variance_prior: not supported (``None``): these experts have no variance.
     """
 
     def __init__(
@@ -167,7 +170,15 @@ class MultinomialExpertSurrogate:
         variance_floor: float = None,
         min_weight: float = 1e-8,
         bound: str = "bohning",
+        penalty=None,
+        variance_prior=None,
     ):
+        if penalty is not None or variance_prior is not None:
+            raise ValueError(
+                "multinomial experts take no coefficient penalty or variance prior (they have no "
+                "variances, and a lasso would break the Kronecker-structured solve); regularise "
+                "them with ridge="
+            )
         if not ridge > 0:
             raise ValueError(
                 f"multinomial experts need ridge > 0 (a linearly separable expert has no finite "
