@@ -481,8 +481,9 @@ def write_results(args, command, results, folds, finished: int) -> str:
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
-    command = "python benchmarks/communities_crime.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    command = " ".join(
+        ["python", "benchmarks/communities_crime.py"]
+        + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]
     )
     with tempfile.TemporaryDirectory(prefix="communities_crime_") as workdir:
         folds = make_folds(args, workdir)
