@@ -9,8 +9,10 @@ from .infer import (
     IncrementalMM,
     MirrorDescentEM,
     PowerDecay,
+    SVIFit,
+    compare_methods,
 )
-from .models import GaussianMoE, MoEParams, MultinomialMoE, PolynomialFeatures
+from .models import GaussianMoE, MoEParams, MoEPriors, MultinomialMoE, PolynomialFeatures
 
 __version__ = "0.1.0"
 
@@ -23,8 +25,11 @@ __all__ = [
     "IncrementalMM",
     "MirrorDescentEM",
     "MoEParams",
+    "MoEPriors",
     "MultinomialMoE",
     "PolynomialFeatures",
     "PowerDecay",
+    "SVIFit",
     "__version__",
+    "compare_methods",
 ]

@@ -8,6 +8,13 @@ from .communities_crime import (
     load_communities_crime,
 )
 from .csv_stream import CsvBatchStream
+from .paper_synthetic import (
+    PaperSyntheticData,
+    algorithm4_truth,
+    from_paper_layout,
+    low_dimensional_truth,
+    paper_synthetic,
+)
 from .synthetic import gaussian_moe_stream, gaussian_moe_truth, sample_gaussian_moe
 
 __all__ = [
@@ -15,9 +22,14 @@ __all__ = [
     "COMMUNITIES_CRIME_TARGET",
     "CommunitiesCrime",
     "CsvBatchStream",
+    "PaperSyntheticData",
+    "algorithm4_truth",
     "communities_crime_license",
+    "from_paper_layout",
     "gaussian_moe_stream",
     "gaussian_moe_truth",
     "load_communities_crime",
+    "low_dimensional_truth",
+    "paper_synthetic",
     "sample_gaussian_moe",
 ]

@@ -1,5 +1,14 @@
 """Inference: how to iterate (incremental MM, and the methods it is compared with)."""
 
+from .compare import (
+    LearningRateSearch,
+    Method,
+    MethodResult,
+    compare_methods,
+    fit_method,
+    run_fit,
+    tune_learning_rate,
+)
 from .em import EM, batch_mm
 from .gradient_em import GradientEM
 from .history import FitHistory
@@ -7,6 +16,7 @@ from .incremental_mm import IncrementalMM
 from .mirror_descent_em import MirrorDescentEM
 from .schedules import ConstantStep, PowerDecay
 from .stability import StatisticsTruncation
+from .svi_fit import SVIFit
 
 __all__ = [
     "EM",
@@ -14,8 +24,16 @@ __all__ = [
     "FitHistory",
     "GradientEM",
     "IncrementalMM",
+    "LearningRateSearch",
+    "Method",
+    "MethodResult",
     "MirrorDescentEM",
     "PowerDecay",
+    "SVIFit",
     "StatisticsTruncation",
     "batch_mm",
+    "compare_methods",
+    "fit_method",
+    "run_fit",
+    "tune_learning_rate",
 ]

@@ -6,6 +6,7 @@ from .full_covariance_gaussian_moe import FullCovarianceExpertParams, FullCovari
 from .gaussian_moe import GaussianMoE
 from .multinomial_moe import MultinomialMoE
 from .params import GaussianExpertParams, MoEParams, MultinomialExpertParams
+from .priors import MoEPriors
 
 __all__ = [
     "CallableFeatures",
@@ -15,6 +16,7 @@ __all__ = [
     "GaussianMoE",
     "MixtureOfExperts",
     "MoEParams",
+    "MoEPriors",
     "MultinomialExpertParams",
     "MultinomialMoE",
     "PolynomialFeatures",
