@@ -4,6 +4,7 @@ with any Pyro optimiser or any torch optimiser (SophiaH included), under the ver
 
 import contextlib
 import inspect
+import math
 
 import pyro
 import pyro.optim
@@ -214,7 +215,7 @@ class SVIFit:
         if self.guide is None:
             self.initialize(x, y)
         loss = self.evaluate_loss(x, y)
-        if not torch.isfinite(torch.tensor(loss)):
+        if not math.isfinite(loss):
             raise ValueError(
                 "the batch's log-likelihood is not finite at the current parameters; "
                 "the state was left unchanged"
