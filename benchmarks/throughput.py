@@ -15,7 +15,7 @@ Measures, in one run, with ``torch.set_num_threads(--threads)`` (default 1: the 
    IncrementalMM also in float32.
 2. **Streamed** from a CSV file through :class:`pyro_mm.datasets.csv_stream.CsvBatchStream`
    (pandas ``read_csv`` in chunks of 65536 rows), one subprocess per N: samples/s (parsing
-   included) and the subprocess's peak resident memory (``ru_maxrss``) and peak traced Python
+   included) and the subprocess's peak resident memory (``VmHWM``) and peak traced Python
    allocations (``tracemalloc``, which sees pandas/NumPy buffers but not torch's).
 3. **Grid** P in {2, 10, 50} x K in {2, 4, 8} x batch in {256, 4096, 65536} (all 27 cases),
    in memory, float64: samples/s of IncrementalMM and of SVI, each run for at least
@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -153,13 +152,23 @@ def stream_worker(path, num_rows, batch_size):
             {
                 "num_rows": seen,
                 "samples_per_s": (seen - seen_after_init) / elapsed,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": _peak_rss_mb(),
                 "traced_peak_mb": traced_peak / 2**20,
                 "history_length": len(infer.history),
                 "num_steps": infer.num_steps,
             }
         )
     )
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``). Not ``ru_maxrss``: Linux carries that
+    over ``fork`` + ``exec``, so a subprocess would report its parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def streamed(path, num_rows, threads):
