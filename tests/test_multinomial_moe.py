@@ -391,7 +391,7 @@ def test_batch_mm_decreases_the_penalised_nll_monotonically():
     assert values[-1] < values[0] - 0.1
 
 
-def _perturbed_truth_fit(truth, num_batches, noise=1.0):
+def _perturbed_truth_fit(truth, num_batches, noise=1.0, schedule=None):
     """IncrementalMM from the truth plus ``noise`` N(0, 1) (the paper's initialisation) on a
     stream of ``num_batches`` batches of 250; returns (initial error, final error, NLL excess)."""
     model = MultinomialMoE(2, 2, 3).double()
@@ -400,7 +400,7 @@ def _perturbed_truth_fit(truth, num_batches, noise=1.0):
         lambda t: t + noise * torch.randn(t.shape, generator=generator, dtype=t.dtype), truth
     )
     model.set_params(start)
-    infer = IncrementalMM(model, init="current")
+    infer = IncrementalMM(model, init="current", schedule=schedule)
     history = infer.fit(multinomial_moe_stream(truth, 250, num_batches, seed=1), progress=False)
     assert history.samples_seen[-1] == 250 * num_batches
     x_test, y_test = sample_multinomial_moe(truth, 20_000, seed=99)
@@ -426,8 +426,12 @@ def test_incremental_mm_recovers_seeded_parameters():
 
 @pytest.mark.slow
 def test_incremental_mm_recovers_seeded_parameters_closely_on_a_long_stream():
+    """1.5 million samples with ``gamma_n = n^-0.51``: error below 0.1 (measured 0.077). The
+    iterate travels about ``sum_n gamma_n ~ n^0.49 / 0.49`` batch-MM steps (145 here; the
+    default exponent 0.6 gives ``n^0.4 / 0.4``, 69 after 4000 batches, error 0.15), and batch MM
+    needs ~300 steps to settle the parameters."""
     truth = multinomial_moe_truth(2, 2, 3, seed=0)
-    _, error, excess = _perturbed_truth_fit(truth, 4000)
+    _, error, excess = _perturbed_truth_fit(truth, 6000, schedule=PowerDecay(1.0, 0.51))
     assert error < 0.1
     assert excess < 0.001
 
