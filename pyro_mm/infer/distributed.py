@@ -11,21 +11,34 @@ the total. Unequal shard sizes are weighted exactly. Every rank then holds the s
 computes the same closed-form solve, so all ranks hold the same parameters: that of one process fed
 the concatenation of the ranks' batches.
 
-Launch (one process per shard, any number of nodes, gloo on CPUs)::
+Launch (one process per shard, any number of nodes, gloo on CPUs) with ``torchrun``; on each of
+the two nodes below::
 
-    torchrun --nnodes=2 --nproc-per-node=4 --node-rank=$NODE_RANK \
-        --rdzv-backend=c10d --rdzv-endpoint=$HEAD_NODE:29500 fit.py
+    torchrun --nnodes=2 --nproc-per-node=4 --rdzv-id=moe-fit --rdzv-backend=c10d \
+        --rdzv-endpoint=$HEAD_NODE:29500 fit.py
 
+(or the static form ``--nnodes=2 --node-rank=0|1 --master-addr=$HEAD_NODE --master-port=29500``;
+on hosts with several network interfaces set ``GLOO_SOCKET_IFNAME`` to the one the nodes share),
 with, in ``fit.py``::
 
     import torch.distributed as dist
+    from pyro_mm import GaussianMoE, IncrementalMM
+    from pyro_mm.datasets.csv_stream import CsvBatchStream
+
     dist.init_process_group("gloo")          # reads RANK, WORLD_SIZE, MASTER_ADDR from torchrun
-    infer = IncrementalMM(GaussianMoE(2, 10))   # uses the default process group
-    for x, y in my_shard_of_the_stream(rank=dist.get_rank(), world=dist.get_world_size()):
-        loss = infer.step(x, y)              # the same number of steps on every rank
-    if dist.get_rank() == 0:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    infer = IncrementalMM(GaussianMoE(2, 10))   # reduces over the default process group
+    for x, y in CsvBatchStream(f"shard-{rank:03d}-of-{world:03d}.csv", target="y"):
+        loss = infer.step(x, y)              # every rank takes the same number of steps
+    if rank == 0:
         torch.save(infer.state_dict(), "checkpoint.pt")
     dist.destroy_process_group()
+
+Every rank builds the same model and options; the initial parameters are the first rank's (for
+``init="auto"``: K-means on its first batch), broadcast to the others. The shards may differ in
+size and so may the ranks' batches at a step, but every rank must take the same number of steps,
+each with at least one row (e.g. stop all ranks at the shortest shard's last full batch). To
+resume, every rank loads the same checkpoint with ``infer.load_state_dict(torch.load(path))``.
 """
 
 import dataclasses
