@@ -1,7 +1,6 @@
 """Incremental stochastic majorization-minimization (the paper's Algorithms 1 and 2)."""
 
 import math
-import time
 import warnings
 
 import torch
@@ -14,6 +13,7 @@ from ..surrogates.registry import expert_surrogate_for
 from ..surrogates.softmax_bound import softmax_curvature
 from .batches import iterate_batches
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
+from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
 from .schedules import PowerDecay
 from .state import (
@@ -303,23 +303,14 @@ class IncrementalMM:
         :param bool progress: show a tqdm progress bar.
         :returns: the :class:`FitHistory` of this call (also appended to ``self.history``).
         """
-        from tqdm.auto import tqdm
-
         if y is not None and batch_size is None:
             batch_size = 256
-        batches = iterate_batches(x, y, batch_size, epochs)
-        total = None
-        if y is not None:
-            total = epochs * -(-len(x) // batch_size)
-        history = FitHistory()
-        start = time.perf_counter()
-        with tqdm(batches, total=total, disable=not progress, desc="IncrementalMM") as bar:
-            for x_batch, y_batch in bar:
-                loss = self.step(x_batch, y_batch)
-                history.append(loss, self.samples_seen, time.perf_counter() - start)
-                self.history.append(loss, self.samples_seen, history.wall_time[-1])
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        return history
+        return fit_loop(
+            self,
+            iterate_batches(x, y, batch_size, epochs),
+            total=count_batches(x, y, batch_size, epochs),
+            progress=progress,
+        )
 
     # --------------------------------------------------------------------------- internals
     @property

@@ -92,7 +92,9 @@ class MixtureOfExperts(PyroModule):
         with torch.no_grad():
             self._write_param("gate_weight", params.gate)
             self.set_expert_params(params.experts)
-        self.fitted = True
+        if not self.fitted:
+            # PyroModule.__setattr__ is slow; this runs after every streaming step.
+            self.fitted = True
 
     def param_values(self) -> Dict[str, torch.Tensor]:
         """Detached copies of the (constrained) parameters, keyed by parameter name."""

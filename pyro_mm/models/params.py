@@ -18,13 +18,15 @@ __all__ = [
 
 def tree_map(fn: Callable, tree, *rest):
     """Applies ``fn`` leaf-wise to one or more dataclass trees of tensors with the same shape."""
-    if dataclasses.is_dataclass(tree):
-        return dataclasses.replace(
-            tree,
+    # The class's field table instead of dataclasses.fields/replace: this runs several times in
+    # every streaming step, and those helpers cost more than the small tensors' arithmetic.
+    fields = getattr(type(tree), "__dataclass_fields__", None)
+    if fields is not None:
+        return type(tree)(
             **{
-                f.name: tree_map(fn, getattr(tree, f.name), *(getattr(r, f.name) for r in rest))
-                for f in dataclasses.fields(tree)
-            },
+                name: tree_map(fn, getattr(tree, name), *(getattr(r, name) for r in rest))
+                for name in fields
+            }
         )
     if tree is None:
         return None
@@ -38,10 +40,11 @@ def tree_to(tree, dtype: torch.dtype):
 
 def tree_leaves(tree) -> list:
     """The tensors of a dataclass tree, in field order."""
-    if dataclasses.is_dataclass(tree):
+    fields = getattr(type(tree), "__dataclass_fields__", None)
+    if fields is not None:
         leaves = []
-        for f in dataclasses.fields(tree):
-            leaves.extend(tree_leaves(getattr(tree, f.name)))
+        for name in fields:
+            leaves.extend(tree_leaves(getattr(tree, name)))
         return leaves
     return [] if tree is None else [tree]
 
