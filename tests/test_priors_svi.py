@@ -244,38 +244,38 @@ def test_a_diverging_step_restores_the_parameters(data):
 @pytest.mark.slow
 def test_autonormal_posterior_mean_is_near_the_mle_on_a_large_data_set():
     truth = gaussian_moe_truth(2, 1, seed=5)
-    x, y = sample_gaussian_moe(truth, 20000, seed=6)
+    x, y = sample_gaussian_moe(truth, 4000, seed=6)
     # The MLE by exact (full-batch) MM iterations from the truth; checked by its gradient.
     reference = GaussianMoE(2, 1).double()
     reference.set_params(truth)
     mm = IncrementalMM(reference, schedule=ConstantStep(1.0), init="current")
-    mm.fit(x, y, batch_size=20000, epochs=400, progress=False)
+    mm.fit(x, y, batch_size=4000, epochs=300, progress=False)
     mle = reference.param_values()
     leaves = {n: v.clone().requires_grad_() for n, v in mle.items()}
     nll = -GaussianMoE(2, 1).double().log_prob(x, y, _as_params(leaves)).mean()
     grads = torch.autograd.grad(nll, list(leaves.values()))
-    assert max(g.abs().max().item() for g in grads) < 1e-5
+    assert max(g.abs().max().item() for g in grads) < 1e-6
 
     model = GaussianMoE(2, 1, priors=MoEPriors()).double()
     model.set_params(tree_map(lambda t: t * 1.1, truth))
     fit = SVIFit(
         model,
         AutoNormal,
-        pyro.optim.ClippedAdam({"lr": 0.02, "lrd": 0.998}),
+        pyro.optim.ClippedAdam({"lr": 0.03, "lrd": 0.993}),
         guide_args={"init_scale": 0.01},
         init="current",
         seed=0,
     )
-    fit.fit(x, y, batch_size=20000, epochs=1500, progress=False)
+    fit.fit(x, y, batch_size=4000, epochs=500, progress=False)
     posterior_mean = fit.guide.median(x, y)  # = the mean for real sites
-    scales = [getattr(fit.guide.scales, name).detach() for name in mle]
-    for (name, value), scale in zip(mle.items(), scales, strict=True):
-        error = (posterior_mean[name] - value).abs()
-        # Within half a posterior standard deviation (the unconstrained scale times the
-        # derivative of exp for the variances).
+    for name, value in mle.items():
+        # posterior standard deviation (for the variances: the log-scale one times the value)
+        scale = getattr(fit.guide.scales, name).detach()
         spread = scale * (value if name == "expert_variance" else 1.0)
+        error = (posterior_mean[name] - value).abs()
         assert (error < 0.5 * spread).all(), (name, error, spread)
-        assert (spread < 0.05).all()
+        # a concentrated posterior: the start (10% off the truth) was many spreads away
+        assert (spread < 0.15).all(), (name, spread)
 
 
 def _as_params(values):
