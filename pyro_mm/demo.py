@@ -57,13 +57,25 @@ def main(argv=None):
     parser.add_argument("--output", default="demo_output", help="folder for the PNG")
     parser.add_argument("--num-samples", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (the steps here are small: one thread avoids OpenMP "
+        "waiting on a busy core, which can slow them down 10-80x)",
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     truth = TRUTH
     x, y = sample_gaussian_moe(truth, args.num_samples, seed=args.seed)
     print(
         f"data: {args.num_samples} samples from a 2-expert Gaussian MoE (P = 1), seed {args.seed}"
     )
+
+    # Imported before the clock starts: the K-means initialiser's first import of scikit-learn
+    # takes about a second, which is not the fit's cost.
+    import sklearn.cluster  # noqa: F401
 
     model = GaussianMoE(num_experts=2, in_features=1)
     infer = IncrementalMM(model)
