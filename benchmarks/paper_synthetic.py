@@ -615,7 +615,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=5, help="data draws 0..seeds-1")
     parser.add_argument("--epochs", type=int, default=10, help="passes over the training rows")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--grid", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3])
+    parser.add_argument("--grid", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0])
     parser.add_argument(
         "--sophia-clip", type=float, default=1.0, help="SophiaH's clip p (library default 0.01)"
     )
