@@ -196,7 +196,7 @@ def main(argv=None):
             y,
             batch_size,
             mle_nll,
-            eval_every=max(1, 10_240 // batch_size),
+            eval_every=max(1, 2_560 // batch_size),
             epochs=100,
             budget=args.svi_budget,
         )
