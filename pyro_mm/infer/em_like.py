@@ -3,8 +3,6 @@
 the current parameters ``theta_t`` (plain :class:`~pyro_mm.models.params.MoEParams`), and each
 step maps ``theta_t`` to ``theta_{t+1}`` from the E-step on the batch it is given."""
 
-import time
-
 import torch
 
 from ..init import check_enough_rows, kmeans_init
@@ -13,6 +11,7 @@ from ..models.params import MoEParams, tree_leaves, tree_to
 from ..surrogates.mixture import e_step
 from ..surrogates.registry import expert_surrogate_for
 from .batches import iterate_batches
+from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
 from .state import (
     check_matching_options,
@@ -243,19 +242,10 @@ class EMLikeInference:
 
     def _fit_stream(self, x, y, batch_size, epochs: int, progress: bool) -> FitHistory:
         """Runs ``step`` over ``iterate_batches(x, y, batch_size, epochs)`` with a progress bar."""
-        from tqdm.auto import tqdm
-
-        batches = iterate_batches(x, y, batch_size, epochs)
-        total = None
-        if y is not None:
-            per_epoch = 1 if batch_size is None else -(-len(x) // batch_size)
-            total = epochs * per_epoch
-        history = FitHistory()
-        start = time.perf_counter()
-        with tqdm(batches, total=total, disable=not progress, desc=self.name) as bar:
-            for x_batch, y_batch in bar:
-                loss = self.step(x_batch, y_batch)
-                history.append(loss, self.samples_seen, time.perf_counter() - start)
-                self.history.append(loss, self.samples_seen, history.wall_time[-1])
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        return history
+        return fit_loop(
+            self,
+            iterate_batches(x, y, batch_size, epochs),
+            total=count_batches(x, y, batch_size, epochs),
+            progress=progress,
+            desc=self.name,
+        )

@@ -10,9 +10,12 @@ __all__ = ["fit_loop", "count_batches"]
 
 
 def count_batches(x, y, batch_size: int, epochs: int) -> Optional[int]:
-    """Number of steps ``fit`` will take on arrays (``None`` for a stream of batches)."""
+    """Number of steps ``fit`` will take on arrays (``None`` for a stream of batches);
+    ``batch_size=None`` means one batch of all rows per epoch."""
     if y is None:
         return None
+    if batch_size is None:
+        return int(epochs)
     return int(epochs) * -(-len(x) // int(batch_size))
 
 
