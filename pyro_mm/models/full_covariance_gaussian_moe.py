@@ -83,12 +83,7 @@ class FullCovarianceGaussianMoE(MixtureOfExperts):
         priors=None,
     ):
         super().__init__(num_experts, in_features, gate_degree, expert_degree)
-        if isinstance(out_features, bool) or int(out_features) != out_features or out_features < 1:
-            raise ValueError(f"out_features must be a positive integer, got {out_features!r}")
-        self.out_features = int(out_features)
-        generator = torch.Generator().manual_seed(seed)
-        shape = (self.num_experts, self.out_features, self.expert_features.num_features)
-        self.expert_weight = PyroParam(torch.randn(shape, generator=generator))
+        GaussianMoE._init_expert_weight(self, out_features, seed)
         eye = torch.eye(self.out_features).expand(self.num_experts, -1, -1).clone()
         self.expert_covariance = PyroParam(eye, constraint=constraints.positive_definite)
         self.set_priors(priors)

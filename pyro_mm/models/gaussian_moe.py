@@ -81,16 +81,20 @@ class GaussianMoE(MixtureOfExperts):
         priors=None,
     ):
         super().__init__(num_experts, in_features, gate_degree, expert_degree)
+        self._init_expert_weight(out_features, seed)
+        self.expert_variance = PyroParam(
+            torch.ones(self.num_experts, self.out_features), constraint=constraints.positive
+        )
+        self.set_priors(priors)
+
+    def _init_expert_weight(self, out_features: int, seed: int) -> None:
+        """Validates ``out_features`` and draws the ``(K, Q, D_e)`` expert weights from ``seed``."""
         if isinstance(out_features, bool) or int(out_features) != out_features or out_features < 1:
             raise ValueError(f"out_features must be a positive integer, got {out_features!r}")
         self.out_features = int(out_features)
         generator = torch.Generator().manual_seed(seed)
         shape = (self.num_experts, self.out_features, self.expert_features.num_features)
         self.expert_weight = PyroParam(torch.randn(shape, generator=generator))
-        self.expert_variance = PyroParam(
-            torch.ones(self.num_experts, self.out_features), constraint=constraints.positive
-        )
-        self.set_priors(priors)
 
     def check_y(self, y, num_rows: int) -> torch.Tensor:
         """Validates ``y``: floating, finite, shape ``(N, Q)`` (or ``(N,)`` when ``Q = 1``)."""
