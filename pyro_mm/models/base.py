@@ -3,6 +3,7 @@ plumbing between a ``PyroModule`` and plain :class:`~pyro_mm.models.params.MoEPa
 
 from typing import Dict, Mapping
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.nn import PyroModule, PyroParam
@@ -188,6 +189,28 @@ class MixtureOfExperts(PyroModule):
     def expert_log_prob(self, expert_params, expert_features: torch.Tensor, y: torch.Tensor):
         """``log e_k(y | x)`` for every expert, shape ``(N, K)``."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------ Pyro model
+    def observation_distribution(self, gate_features, expert_features):
+        """The distribution of ``y`` given the regressors, batched over rows (a Pyro
+        distribution built from the module's parameters, so priors lift them)."""
+        raise NotImplementedError
+
+    def forward(self, x, y=None, num_data: int = None):
+        """Pyro model with one observed site ``"y"`` per row, drawn from
+        :meth:`observation_distribution`.
+
+        :param x: inputs ``(N, P)``.
+        :param y: observed outputs or ``None`` to sample them.
+        :param int num_data: full data-set size when ``x`` is a mini-batch (scales the likelihood).
+        """
+        x = self.check_x(x)
+        if y is not None:
+            y = self.check_y(y, x.shape[0])
+        distribution = self.observation_distribution(*self.features(x))
+        size = x.shape[0] if num_data is None else num_data
+        with pyro.plate("data", size=size, subsample=torch.arange(x.shape[0])):
+            return pyro.sample("y", distribution, obs=y)
 
     # ------------------------------------------------------------------------- densities
     def log_joint_from_features(self, params: MoEParams, gate_features, expert_features, y):

@@ -3,7 +3,6 @@
 import dataclasses
 import math
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroParam
@@ -121,26 +120,15 @@ class FullCovarianceGaussianMoE(MixtureOfExperts):
         noise = torch.randn(means.shape, generator=generator, dtype=x.dtype)
         return means + (factor @ noise.unsqueeze(-1)).squeeze(-1), z
 
-    def forward(self, x, y=None, num_data: int = None):
-        """Pyro model: ``y_n ~ MixtureSameFamily(Categorical(g(x_n)), MVN(mu(x_n), Sigma))``.
-
-        :param x: inputs ``(N, P)``.
-        :param y: observed outputs ``(N, Q)`` or ``None`` to sample them.
-        :param int num_data: full data-set size when ``x`` is a mini-batch (scales the likelihood).
-        """
-        x = self.check_x(x)
-        if y is not None:
-            y = self.check_y(y, x.shape[0])
-        u, r = self.features(x)
-        logits = gate_logits(self.gate_weight, u)
-        means = gaussian_expert_means(self.expert_weight, r)
+    def observation_distribution(self, gate_features, expert_features):
+        """``MixtureSameFamily(Categorical(g(x)), MVN(mu(x), Sigma))`` per row."""
+        # The gate first: Pyro sites (and so guides and Laplace coordinates) follow access order.
+        logits = gate_logits(self.gate_weight, gate_features)
+        means = gaussian_expert_means(self.expert_weight, expert_features)
         covariance = self.expert_covariance.expand(
             means.shape[:-1] + self.expert_covariance.shape[-2:]
         )
-        mixture = dist.MixtureSameFamily(
+        return dist.MixtureSameFamily(
             dist.Categorical(logits=logits),
             dist.MultivariateNormal(means, covariance_matrix=covariance),
         )
-        size = x.shape[0] if num_data is None else num_data
-        with pyro.plate("data", size=size, subsample=torch.arange(x.shape[0])):
-            return pyro.sample("y", mixture, obs=y)

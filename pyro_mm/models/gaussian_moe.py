@@ -2,7 +2,6 @@
 
 import math
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroParam
@@ -147,23 +146,12 @@ class GaussianMoE(MixtureOfExperts):
         noise = torch.randn(means[rows, z].shape, generator=generator, dtype=x.dtype)
         return means[rows, z] + params.experts.variance[z].sqrt() * noise, z
 
-    def forward(self, x, y=None, num_data: int = None):
-        """Pyro model: ``y_n ~ MixtureSameFamily(Categorical(g(x_n)), Normal(mu(x_n), sigma))``.
-
-        :param x: inputs ``(N, P)``.
-        :param y: observed outputs ``(N, Q)`` or ``None`` to sample them.
-        :param int num_data: full data-set size when ``x`` is a mini-batch (scales the likelihood).
-        """
-        x = self.check_x(x)
-        if y is not None:
-            y = self.check_y(y, x.shape[0])
-        u, r = self.features(x)
-        logits = gate_logits(self.gate_weight, u)
-        means = gaussian_expert_means(self.expert_weight, r)
+    def observation_distribution(self, gate_features, expert_features):
+        """``MixtureSameFamily(Categorical(g(x)), Normal(mu(x), sigma))`` per row."""
+        # The gate first: Pyro sites (and so guides and Laplace coordinates) follow access order.
+        logits = gate_logits(self.gate_weight, gate_features)
+        means = gaussian_expert_means(self.expert_weight, expert_features)
         scale = self.expert_variance.sqrt().expand(means.shape)
-        mixture = dist.MixtureSameFamily(
+        return dist.MixtureSameFamily(
             dist.Categorical(logits=logits), dist.Normal(means, scale).to_event(1)
         )
-        size = x.shape[0] if num_data is None else num_data
-        with pyro.plate("data", size=size, subsample=torch.arange(x.shape[0])):
-            return pyro.sample("y", mixture, obs=y)

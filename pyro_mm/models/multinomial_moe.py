@@ -1,6 +1,5 @@
 """Softmax-gated mixture of multinomial-logistic classification experts (the paper's Section 4.2)."""
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroParam
@@ -176,18 +175,10 @@ class MultinomialMoE(MixtureOfExperts):
         y = torch.multinomial(class_probs, 1, generator=generator).squeeze(-1)
         return y, z
 
-    def forward(self, x, y=None, num_data: int = None):
-        """Pyro model: ``y_n ~ Categorical(sum_k g_k(x_n) e_k(. | x_n))``.
-
-        :param x: inputs ``(N, P)``.
-        :param y: observed labels ``(N,)`` or ``None`` to sample them.
-        :param int num_data: full data-set size when ``x`` is a mini-batch (scales the likelihood).
-        """
-        x = self.check_x(x)
-        if y is not None:
-            y = self.check_y(y, x.shape[0])
-        u, r = self.features(x)
-        log_probs = mixture_class_log_probs(self.gate_weight, self.expert_weight, u, r)
-        size = x.shape[0] if num_data is None else num_data
-        with pyro.plate("data", size=size, subsample=torch.arange(x.shape[0])):
-            return pyro.sample("y", dist.Categorical(logits=log_probs), obs=y)
+    def observation_distribution(self, gate_features, expert_features):
+        """``Categorical(sum_k g_k(x) e_k(. | x))`` per row, mixed in log space."""
+        return dist.Categorical(
+            logits=mixture_class_log_probs(
+                self.gate_weight, self.expert_weight, gate_features, expert_features
+            )
+        )
