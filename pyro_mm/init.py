@@ -13,7 +13,43 @@ from .models.base import MixtureOfExperts
 from .models.params import tree_to
 from .surrogates.registry import expert_surrogate_for
 
-__all__ = ["kmeans_init", "check_enough_rows"]
+__all__ = ["INITS", "check_init", "initial_params", "kmeans_init", "check_enough_rows"]
+
+#: The starting points every fitting method accepts as ``init=``.
+INITS = ("auto", "kmeans", "kmeans-logistic", "spectral", "current")
+
+
+def check_init(init: str) -> str:
+    """Returns ``init`` when it names a starting point of :data:`INITS`, else raises."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    return init
+
+
+def initial_params(model, x, y, init: str = "auto", *, seed: int = 0, expert_surrogate=None):
+    """The starting point ``theta_0`` of a fit, from a first batch ``(x, y)``.
+
+    * ``"auto"``: ``"current"`` if the model already holds fitted parameters, else ``"kmeans"``;
+    * ``"current"``: the model's parameters;
+    * ``"kmeans"`` / ``"kmeans-logistic"``: :func:`kmeans_init` with the gate at zero / from a
+      logistic regression of the cluster labels (the paper's "Incremental MM*");
+    * ``"spectral"``: :func:`pyro_mm.spectral.spectral_init` (Gaussian experts with one output
+      and linear features; the noise level is estimated).
+
+    :returns: :class:`~pyro_mm.models.params.MoEParams` in ``x``'s dtype.
+    """
+    check_init(init)
+    if init == "auto":
+        init = "current" if model.fitted else "kmeans"
+    if init == "current":
+        return tree_to(model.get_params(), x.dtype)
+    if init == "spectral":
+        from .spectral import spectral_init
+
+        return tree_to(spectral_init(model, x, y, seed=seed), x.dtype)
+    check_enough_rows(model, x.shape[0])
+    gate = "logistic" if init == "kmeans-logistic" else "zero"
+    return kmeans_init(model, x, y, gate=gate, seed=seed, expert_surrogate=expert_surrogate)
 
 
 def check_enough_rows(model: MixtureOfExperts, num_rows: int) -> None:

@@ -161,3 +161,17 @@ def test_already_fitted_model_is_the_starting_point():
     infer = IncrementalMM(model)
     infer.initialize(x, y)
     assert torch.equal(infer.params.gate, truth.gate)
+
+
+def test_spectral_start_is_offered_to_every_fitting_method():
+    from pyro_mm import EM
+
+    truth = gaussian_moe_truth(2, 4, seed=5)
+    x, y = sample_gaussian_moe(truth, 4000, seed=6)
+    for fitter in (IncrementalMM, EM):
+        model = GaussianMoE(2, 4)
+        infer = fitter(model, init="spectral")
+        infer.initialize(x[:2000], y[:2000])
+        start = infer.params
+        assert start.gate.shape == (1, 5) and torch.isfinite(start.experts.weight).all()
+        assert infer.evaluate_loss(x, y) < GaussianMoE(2, 4).double().log_prob(x, y).neg().mean()

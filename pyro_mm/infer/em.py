@@ -55,7 +55,7 @@ class EM(EMLikeInference):
     :param float gate_tol: gradient tolerance (max-norm) of the gate's Newton solve.
     :param int gate_max_iter: Newton iteration cap of the gate solve.
     :param str init: ``"auto"`` (K-means on the first batch unless the model is already
-        fitted), ``"kmeans"``, ``"kmeans-logistic"`` or ``"current"``.
+        fitted), ``"kmeans"``, ``"kmeans-logistic"``, ``"spectral"`` or ``"current"``.
     :param int seed: seed of the K-means initialisation.
     :param torch.dtype dtype: dtype of the parameters and computations (float64 by default).
     """

@@ -5,7 +5,7 @@ step maps ``theta_t`` to ``theta_{t+1}`` from the E-step on the batch it is give
 
 import torch
 
-from ..init import check_enough_rows, kmeans_init
+from ..init import check_init, initial_params
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_leaves, tree_to
 from ..surrogates.mixture import e_step
@@ -22,10 +22,9 @@ from .state import (
     tree_state,
 )
 
-__all__ = ["EMLikeInference", "INITS", "positive_number", "positive_integer", "gate_solver_options"]
+__all__ = ["EMLikeInference", "positive_number", "positive_integer", "gate_solver_options"]
 
 #: Accepted values of ``init``.
-INITS = ("auto", "kmeans", "kmeans-logistic", "current")
 
 
 def positive_number(name: str, value) -> float:
@@ -69,7 +68,8 @@ class EMLikeInference:
     :param float variance_floor: smallest expert variance an expert solve returns.
     :param str init: ``"auto"`` (K-means on the first batch unless the model is already
         fitted), ``"kmeans"``, ``"kmeans-logistic"`` (gate from a logistic regression of the
-        cluster labels) or ``"current"`` (the model's parameters).
+        cluster labels), ``"spectral"`` or ``"current"`` (the model's parameters); see
+        :func:`pyro_mm.init.initial_params`.
     :param int seed: seed of the K-means initialisation.
     :param torch.dtype dtype: dtype of the parameters and of the computations.
     """
@@ -95,8 +95,7 @@ class EMLikeInference:
                 f"model must be a pyro_mm mixture of experts, got {type(model).__name__}"
             )
         model.require_no_priors(self.name)
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        check_init(init)
         if not ridge >= 0 or not variance_floor > 0:
             raise ValueError(
                 f"ridge must be >= 0 and variance_floor > 0, got ridge={ridge!r}, "
@@ -131,17 +130,9 @@ class EMLikeInference:
     def initialize(self, x, y) -> None:
         """Sets ``theta_0`` per ``init`` from a first batch (called by the first step if needed)."""
         x, y = self._check_batch(x, y)
-        init = self.init
-        if init == "auto":
-            init = "current" if self.model.fitted else "kmeans"
-        if init == "current":
-            params = tree_to(self.model.get_params(), self.dtype)
-        else:
-            check_enough_rows(self.model, x.shape[0])
-            gate = "logistic" if init == "kmeans-logistic" else "zero"
-            params = kmeans_init(
-                self.model, x, y, gate=gate, seed=self.seed, expert_surrogate=self.expert_surrogate
-            )
+        params = initial_params(
+            self.model, x, y, self.init, seed=self.seed, expert_surrogate=self.expert_surrogate
+        )
         self.params, self.num_steps = params, 0
         self.model.set_params(params)
 

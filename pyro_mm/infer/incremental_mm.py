@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from ..init import check_enough_rows, kmeans_init
+from ..init import check_init, initial_params
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_leaves, tree_map, tree_to
 from ..surrogates.mixture import mixture_statistics, solve_mixture
@@ -27,7 +27,6 @@ from .state import (
 
 __all__ = ["IncrementalMM"]
 
-_INITS = ("auto", "kmeans", "kmeans-logistic", "current")
 _BAD_BATCH_POLICIES = ("raise", "skip")
 #: What a bad batch raises (all before any state changes); the "skip" policy catches these.
 _BAD_BATCH_ERRORS = (ValueError, TypeError, FloatingPointError)
@@ -88,7 +87,9 @@ class IncrementalMM:
     :param float variance_floor: smallest expert variance (a collapsing variance is floored).
     :param str init: ``"auto"`` (K-means on the first batch unless the model is already
         fitted), ``"kmeans"``, ``"kmeans-logistic"`` (gate from a logistic regression of the
-        cluster labels, the paper's "Incremental MM*") or ``"current"`` (the model's parameters).
+        cluster labels, the paper's "Incremental MM*"), ``"spectral"`` (the spectral method of
+        :mod:`pyro_mm.spectral`) or ``"current"`` (the model's parameters); see
+        :func:`pyro_mm.init.initial_params`.
     :param int seed: seed of the K-means initialisation.
     :param torch.dtype dtype: dtype of the statistics and parameters (float64 by default: the
         statistics are long-running averages; float32 is about twice as fast and safe for
@@ -134,8 +135,7 @@ class IncrementalMM:
                 f"model must be a pyro_mm mixture of experts, got {type(model).__name__}"
             )
         model.require_no_priors("IncrementalMM")
-        if init not in _INITS:
-            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        check_init(init)
         if polyak_start is not None and (int(polyak_start) != polyak_start or polyak_start < 1):
             raise ValueError(
                 f"polyak_start must be a positive integer or None, got {polyak_start!r}"
@@ -362,15 +362,8 @@ class IncrementalMM:
         return params
 
     def _initial_params_from(self, x, y) -> MoEParams:
-        init = self.init
-        if init == "auto":
-            init = "current" if self.model.fitted else "kmeans"
-        if init == "current":
-            return tree_to(self.model.get_params(), self.dtype)
-        check_enough_rows(self.model, x.shape[0])
-        gate = "logistic" if init == "kmeans-logistic" else "zero"
-        return kmeans_init(
-            self.model, x, y, gate=gate, seed=self.seed, expert_surrogate=self.expert_surrogate
+        return initial_params(
+            self.model, x, y, self.init, seed=self.seed, expert_surrogate=self.expert_surrogate
         )
 
     def _reduced_statistics(self, params, x, y, local_error):

@@ -13,15 +13,13 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoGuide, init_to_value
 
-from ..init import check_enough_rows, kmeans_init
+from ..init import check_init, initial_params
 from ..models.base import MixtureOfExperts
 from .batches import iterate_batches
 from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
 
 __all__ = ["SVIFit", "needs_hessian_graph"]
-
-_INITS = ("auto", "kmeans", "kmeans-logistic", "current")
 
 
 def needs_hessian_graph(optimizer_class: type) -> bool:
@@ -79,7 +77,7 @@ class SVIFit:
     :param bool create_graph: keep the backward graph for Hessian-vector products (default:
         :func:`needs_hessian_graph` of the optimiser class).
     :param str init: ``"auto"`` (K-means on the first batch unless the model is already
-        fitted), ``"kmeans"``, ``"kmeans-logistic"`` or ``"current"``, as in IncrementalMM.
+        fitted), ``"kmeans"``, ``"kmeans-logistic"``, ``"spectral"`` or ``"current"``, as in IncrementalMM.
     :param int seed: seed of the K-means initialisation and of the draws of the ELBO and of the
         optimiser (kept in a private random state: the global one is left alone).
     :param torch.dtype dtype: dtype of the parameters.
@@ -119,8 +117,7 @@ class SVIFit:
             raise TypeError(f"a guide class must be an autoguide, got {guide.__name__}")
         if guide_args and not isinstance(guide, type):
             raise ValueError("guide_args apply only when guide is an autoguide class")
-        if init not in _INITS:
-            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        check_init(init)
         if num_data is not None and (
             isinstance(num_data, bool) or int(num_data) != num_data or num_data < 1
         ):
@@ -184,13 +181,7 @@ class SVIFit:
         """Sets the starting point (per ``init``) from a first batch, then builds the guide at
         it and the optimiser. Called by the first :meth:`step` when not called before."""
         x, y = self._check_batch(x, y)
-        init = self.init
-        if init == "auto":
-            init = "current" if self.model.fitted else "kmeans"
-        if init != "current":
-            check_enough_rows(self.model, x.shape[0])
-            gate = "logistic" if init == "kmeans-logistic" else "zero"
-            self.model.set_params(kmeans_init(self.model, x, y, gate=gate, seed=self.seed))
+        self.model.set_params(initial_params(self.model, x, y, self.init, seed=self.seed))
         with self._context():
             self.guide = self._build_guide()
             if isinstance(self.guide, torch.nn.Module):
