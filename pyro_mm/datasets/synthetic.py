@@ -63,10 +63,7 @@ def sample_gaussian_moe(truth: MoEParams, num_samples: int, *, seed: int = 0, mo
     if model is None:
         in_features = truth.gate.shape[1] - 1
         model = GaussianMoE(num_experts, in_features, out_features).double()
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_samples, model.in_features, generator=generator, dtype=torch.float64)
-    y, _ = model.sample(x, truth, generator=generator)
-    return x, y
+    return _draw(model, truth, num_samples, seed)
 
 
 def gaussian_moe_stream(
@@ -76,10 +73,7 @@ def gaussian_moe_stream(
 
     Batch ``i`` uses seed ``seed * 1_000_003 + i``, so a stream can be replayed exactly.
     """
-    index = 0
-    while num_batches is None or index < num_batches:
-        yield sample_gaussian_moe(truth, batch_size, seed=seed * 1_000_003 + index)
-        index += 1
+    return _replayable_stream(sample_gaussian_moe, truth, batch_size, num_batches, seed)
 
 
 def multinomial_moe_truth(
@@ -125,10 +119,7 @@ def sample_multinomial_moe(truth: MoEParams, num_samples: int, *, seed: int = 0,
     if model is None:
         in_features = truth.gate.shape[1] - 1
         model = MultinomialMoE(num_experts, in_features, num_free + 1).double()
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_samples, model.in_features, generator=generator, dtype=torch.float64)
-    y, _ = model.sample(x, truth, generator=generator)
-    return x, y
+    return _draw(model, truth, num_samples, seed)
 
 
 def multinomial_moe_stream(
@@ -138,7 +129,20 @@ def multinomial_moe_stream(
 
     Batch ``i`` uses seed ``seed * 1_000_003 + i``, so a stream can be replayed exactly.
     """
+    return _replayable_stream(sample_multinomial_moe, truth, batch_size, num_batches, seed)
+
+
+def _draw(model, truth: MoEParams, num_samples: int, seed: int):
+    """``x ~ N(0, I_P)`` then ``y ~ p(y | x; truth)`` from one generator seeded by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, model.in_features, generator=generator, dtype=torch.float64)
+    y, _ = model.sample(x, truth, generator=generator)
+    return x, y
+
+
+def _replayable_stream(sampler, truth: MoEParams, batch_size: int, num_batches, seed: int):
+    """Batch ``i`` is ``sampler(truth, batch_size, seed=seed * 1_000_003 + i)``."""
     index = 0
     while num_batches is None or index < num_batches:
-        yield sample_multinomial_moe(truth, batch_size, seed=seed * 1_000_003 + index)
+        yield sampler(truth, batch_size, seed=seed * 1_000_003 + index)
         index += 1
