@@ -1,11 +1,26 @@
 """Checkpoint/resume: an interrupted stream resumed from a saved state gives bit-identical
-parameters to the uninterrupted run."""
+parameters to the uninterrupted run (IncrementalMM, the EM family and SVIFit)."""
 
+import copy
+
+import pyro
+import pyro.optim
 import pytest
 import torch
 from helpers import assert_trees_identical
+from pyro.infer.autoguide import AutoDelta, AutoNormal
+from pytorch_optimizer import SophiaH
 
-from pyro_mm import EM, GaussianMoE, GradientEM, IncrementalMM, MirrorDescentEM, PowerDecay
+from pyro_mm import (
+    EM,
+    GaussianMoE,
+    GradientEM,
+    IncrementalMM,
+    MirrorDescentEM,
+    MoEPriors,
+    PowerDecay,
+    SVIFit,
+)
 from pyro_mm.datasets import gaussian_moe_stream, gaussian_moe_truth
 from pyro_mm.infer.state import load_tree_state, tree_state, tree_unflatten
 from pyro_mm.models.params import tree_leaves
@@ -160,3 +175,151 @@ def test_em_type_methods_resume_bit_identically(tmp_path, method):
         assert torch.equal(resumed.model.param_values()[name], value), name
     with pytest.raises(ValueError, match="the state does not match"):
         build(9).load_state_dict({**reference.state_dict(), "options": {"dtype": "float16"}})
+
+
+# --------------------------------------------------------------------------------- SVIFit
+def _svi_builders():
+    num_data = 64 * 12
+    return {
+        "ML-pyro-Adam": lambda seed: SVIFit(
+            GaussianMoE(3, 2, 2, seed=seed), optim=pyro.optim.Adam({"lr": 0.02}), num_data=num_data
+        ),
+        "AutoNormal-pyro-ClippedAdam": lambda seed: SVIFit(
+            GaussianMoE(3, 2, 2, seed=seed, priors=MoEPriors()),
+            AutoNormal,
+            pyro.optim.ClippedAdam({"lr": 0.02}),
+            guide_args={"init_scale": 0.05},
+            num_data=num_data,
+        ),
+        "AutoNormal-torch-Adam": lambda seed: SVIFit(
+            GaussianMoE(3, 2, 2, seed=seed, priors=MoEPriors()),
+            AutoNormal,
+            torch.optim.Adam,
+            optim_args={"lr": 0.02},
+            num_data=num_data,
+        ),
+        # SophiaH draws the noise of its Hessian estimates from the fit's random state.
+        "ML-torch-SophiaH": lambda seed: SVIFit(
+            GaussianMoE(3, 2, 2, seed=seed),
+            optim=SophiaH,
+            optim_args={"lr": 0.02, "update_period": 1},
+            num_data=num_data,
+        ),
+    }
+
+
+def _assert_same_fit(left, right):
+    for name, value in left.model.param_values().items():
+        assert torch.equal(right.model.param_values()[name], value), name
+    assert_trees_identical(
+        _without_wall_time(right.state_dict()), _without_wall_time(left.state_dict())
+    )
+
+
+@pytest.mark.parametrize("method", list(_svi_builders()))
+def test_svi_fit_resumes_bit_identically(tmp_path, method):
+    build = _svi_builders()[method]
+    batches = _batches(12)
+    pyro.clear_param_store()
+    reference = build(9)
+    for x, y in batches:
+        reference.step(x, y)
+
+    interrupted = build(9)
+    for x, y in batches[:5]:
+        interrupted.step(x, y)
+    torch.save(interrupted.state_dict(), tmp_path / "checkpoint.pt")
+    del interrupted
+
+    pyro.clear_param_store()
+    resumed = build(123)  # other initial weights, replaced by the checkpoint
+    resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt"))
+    assert resumed.num_steps == 5 and resumed.samples_seen == 5 * 64
+    for x, y in batches[5:]:
+        resumed.step(x, y)
+    _assert_same_fit(reference, resumed)
+    assert resumed.history.loss == reference.history.loss
+    assert resumed.last_objective == reference.last_objective
+
+
+def test_svi_fit_checkpoint_holds_the_random_state_of_the_guides_draws(tmp_path):
+    build = _svi_builders()["AutoNormal-torch-Adam"]
+    batches = _batches(8)
+    interrupted = build(9)
+    for x, y in batches[:3]:
+        interrupted.step(x, y)
+    state = interrupted.state_dict()
+    runs = []
+    for rng_state in (state["rng_state"], torch.Generator().manual_seed(1).get_state()):
+        pyro.clear_param_store()
+        resumed = build(9)
+        resumed.load_state_dict({**state, "rng_state": rng_state})
+        for x, y in batches[3:]:
+            resumed.step(x, y)
+        runs.append(resumed.model.param_values())
+    # Another random state gives other ELBO draws, so the stored one is what makes the resume exact.
+    assert not all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
+
+
+@pytest.mark.parametrize("method", ["ML-pyro-Adam", "AutoNormal-torch-Adam"])
+def test_svi_fit_state_dict_is_a_snapshot_and_loading_it_rewinds(method):
+    build = _svi_builders()[method]
+    batches = _batches(10)
+    fit = build(9)
+    for x, y in batches[:4]:
+        fit.step(x, y)
+    snapshot = fit.state_dict()
+    frozen = copy.deepcopy(snapshot)
+    later = [fit.step(x, y) for x, y in batches[4:]]
+    after = fit.model.param_values()
+    assert_trees_identical(snapshot, frozen)  # later steps did not write into the snapshot
+
+    fit.load_state_dict(snapshot)
+    assert fit.num_steps == 4
+    assert_trees_identical(fit.state_dict(), frozen)  # loaded, not yet applied: same state
+    replayed = [fit.step(x, y) for x, y in batches[4:]]
+    assert replayed == later
+    for name, value in after.items():
+        assert torch.equal(fit.model.param_values()[name], value), name
+
+
+def test_svi_fit_state_before_initialisation_round_trips():
+    build = _svi_builders()["AutoNormal-pyro-ClippedAdam"]
+    batches = _batches(3)
+    fresh = build(9)
+    state = fresh.state_dict()
+    assert not state["initialized"] and state["param_store"] is None
+    other = build(123)
+    other.load_state_dict(state)
+    for fit in (fresh, other):
+        for x, y in batches:
+            fit.step(x, y)
+    _assert_same_fit(fresh, other)
+
+
+def test_svi_fit_loading_into_a_differently_built_fit_fails_before_any_change():
+    builders = _svi_builders()
+    batches = _batches(3)
+    fit = builders["ML-pyro-Adam"](9)
+    for x, y in batches:
+        fit.step(x, y)
+    state = fit.state_dict()
+
+    other = builders["ML-torch-SophiaH"](9)
+    other.step(*batches[0])
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"optim='pyro\.optim\.optim\.PyroOptim\(torch\.optim"):
+        other.load_state_dict(state)
+    assert_trees_identical(other.state_dict(), before)
+
+    with pytest.raises(ValueError, match="guide=None in the state but 'pyro.infer.autoguide"):
+        SVIFit(
+            GaussianMoE(3, 2, 2, priors=MoEPriors()),
+            AutoDelta,
+            pyro.optim.Adam({"lr": 0.02}),
+            num_data=64 * 12,
+        ).load_state_dict(state)
+    wider = SVIFit(GaussianMoE(3, 3, 2), optim=pyro.optim.Adam({"lr": 0.02}), num_data=64 * 12)
+    with pytest.raises(ValueError, match="gate_weight_unconstrained has shape"):
+        wider.load_state_dict(state)
+    assert wider.num_steps == 0 and not wider.model.fitted

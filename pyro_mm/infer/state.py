@@ -8,6 +8,7 @@ so a checkpoint cannot run code.
 """
 
 import dataclasses
+import inspect
 import sys
 
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "load_schedule_state",
     "check_matching_options",
     "check_tree_shapes",
+    "qualified_name",
 ]
 
 _DATACLASS_KEY = "__dataclass__"
@@ -173,3 +175,11 @@ def check_matching_options(owner: str, stored: dict, current: dict) -> None:
             f"the state does not match this {owner}: {'; '.join(differences)}; construct it "
             f"with the options (and model) the state was saved with before loading"
         )
+
+
+def qualified_name(obj) -> str:
+    """``module.QualifiedName`` of a class or function, or of the class of any other object:
+    how a state names a component (an optimiser, a guide) that it cannot hold as plain data."""
+    if not (isinstance(obj, type) or inspect.isroutine(obj)):
+        obj = type(obj)
+    return f"{obj.__module__}.{obj.__qualname__}"

@@ -3,6 +3,7 @@ with any Pyro optimiser or any torch optimiser (SophiaH included), under the ver
 :class:`~pyro_mm.infer.IncrementalMM`."""
 
 import contextlib
+import copy
 import inspect
 import math
 
@@ -18,6 +19,7 @@ from ..models.base import MixtureOfExperts
 from .batches import iterate_batches
 from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
+from .state import check_matching_options, qualified_name
 
 __all__ = ["SVIFit", "needs_hessian_graph"]
 
@@ -29,6 +31,10 @@ def needs_hessian_graph(optimizer_class: type) -> bool:
     argument in ``step`` and need ``loss.backward(create_graph=True)``.
     """
     return "hessian" in inspect.signature(optimizer_class.step).parameters
+
+
+def _is_plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _no_latent_guide(*args, **kwargs):
@@ -58,6 +64,11 @@ class SVIFit:
     ``model.predict``, ``model.log_prob`` and :mod:`pyro_mm.metrics` apply unchanged.
     Every call runs in this fit's own scope of Pyro's param store, so several fits of models
     with the same parameter names in one process never read each other's parameters.
+
+    **Checkpoints.** :meth:`state_dict` / :meth:`load_state_dict` save and restore the model's
+    and the guide's parameters, the optimiser's state, the random state of the ELBO's draws, the
+    counters and the history; resuming an interrupted stream from a checkpoint (through
+    ``torch.save``/``torch.load``) gives bit-identical parameters to the uninterrupted run.
 
     :param MixtureOfExperts model: the model to fit; it is moved to ``dtype``.
     :param guide: ``None`` (maximum likelihood), an autoguide class (built on the model with
@@ -170,6 +181,9 @@ class SVIFit:
         self._fit_num_data = None
         self._trained = []
         self._param_state = None
+        # Pyro parameters and optimiser state of a loaded checkpoint, applied by the next
+        # ``initialize`` (an autoguide's parameters exist only once it has seen a batch).
+        self._pending_state = None
 
     # ------------------------------------------------------------------------------ checks
     def _check_batch(self, x, y):
@@ -179,19 +193,40 @@ class SVIFit:
     # -------------------------------------------------------------------------------- verbs
     def initialize(self, x, y) -> None:
         """Sets the starting point (per ``init``) from a first batch, then builds the guide at
-        it and the optimiser. Called by the first :meth:`step` when not called before."""
+        it and the optimiser. Called by the first :meth:`step` when not called before.
+
+        After :meth:`load_state_dict` of a fitted state the model already holds the state's
+        parameters: the guide and the optimiser are built and given the state's values instead.
+        """
         x, y = self._check_batch(x, y)
-        self.model.set_params(initial_params(self.model, x, y, self.init, seed=self.seed))
-        with self._context():
-            self.guide = self._build_guide()
-            if isinstance(self.guide, torch.nn.Module):
-                self.guide(x, y, num_data=self._num_data(x))  # creates an autoguide's params
-            self._trained = self._trainable_parameters()
-            if isinstance(self.optim, pyro.optim.PyroOptim):
-                self.optimizer = SVI(*self._scaled(x), self.optim, self.loss)
-            else:
-                self.optimizer = self.optim(self._trained, **self.optim_args)
-        self.num_steps = 0
+        pending, rng_state = self._pending_state, self._rng_state
+        if pending is None:
+            self.model.set_params(initial_params(self.model, x, y, self.init, seed=self.seed))
+        try:
+            with self._context():
+                self.guide = self._build_guide()
+                if isinstance(self.guide, torch.nn.Module):
+                    self.guide(x, y, num_data=self._num_data(x))  # creates an autoguide's params
+                if pending is not None:
+                    self._load_param_store(pending["param_store"], x, y)
+                self._trained = self._trainable_parameters()
+                if isinstance(self.optim, pyro.optim.PyroOptim):
+                    self.optimizer = SVI(*self._scaled(x), self.optim, self.loss)
+                    if pending is not None:
+                        self.optim.set_state(pending["optimizer"])
+                else:
+                    self.optimizer = self.optim(self._trained, **self.optim_args)
+                    if pending is not None:
+                        self.optimizer.load_state_dict(pending["optimizer"])
+        except BaseException:
+            if pending is not None:
+                self.guide, self.optimizer, self._trained = None, None, []
+            raise
+        if pending is None:
+            self.num_steps = 0
+        else:
+            # Building the guide drew random numbers the interrupted run had drawn already.
+            self._pending_state, self._rng_state = None, rng_state
 
     def step(self, x, y) -> float:
         """One gradient step on the scaled ELBO of a mini-batch.
@@ -253,6 +288,156 @@ class SVIFit:
             )
         finally:
             self._fit_num_data = None
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def _options(self) -> dict:
+        """What defines the iteration besides its state; a state loads only into a match."""
+        optim = self.optim
+        if isinstance(optim, pyro.optim.PyroOptim):
+            optim = f"{qualified_name(optim)}({qualified_name(optim.pt_optim_constructor)})"
+        else:
+            optim = qualified_name(optim)
+        return {
+            "model": type(self.model).__name__,
+            "num_experts": self.model.num_experts,
+            "priors": sorted(self.model.prior_distributions()),
+            "guide": None if self.guide_spec is None else qualified_name(self.guide_spec),
+            "guide_args": {
+                key: value if _is_plain(value) else qualified_name(value)
+                for key, value in sorted(self.guide_args.items())
+            },
+            "optim": optim,
+            "loss": f"{qualified_name(self.loss)}(num_particles="
+            f"{getattr(self.loss, 'num_particles', None)}, vectorize_particles="
+            f"{getattr(self.loss, 'vectorize_particles', None)})",
+            "num_data": self.num_data,
+            "create_graph": self.create_graph,
+            "dtype": str(self.dtype),
+        }
+
+    def state_dict(self) -> dict:
+        """Everything the iteration depends on, as plain data (``torch.save`` it).
+
+        Holds the options it was built with, ``init`` and ``seed``, the model's parameters
+        (unconstrained, as the optimiser sees them) and point estimate, the Pyro parameters of
+        this fit's param store (the guide's included), the optimiser's state (``state_dict()``
+        of a torch optimiser, ``get_state()`` of a Pyro one: moments, step counts and
+        hyperparameters such as the learning rate), the state of the private random generator
+        that the ELBO's draws and the optimiser consume, the step and sample counters, the last
+        objective and the history. The global random state is not used by a fit, so it is not
+        stored.
+        """
+        pending = self._pending_state
+        if pending is not None:
+            param_store, optimizer = pending["param_store"], pending["optimizer"]
+        elif self.guide is not None:
+            param_store = dict(self._param_state["params"])
+            optimizer = self._optimizer_state()
+        else:
+            param_store = optimizer = None
+        return copy.deepcopy(
+            {
+                "options": self._options(),
+                "init": self.init,
+                "seed": self.seed,
+                "model": {name: p.detach() for name, p in self.model.named_parameters()},
+                "fitted": self.model.fitted,
+                "initialized": param_store is not None,
+                "param_store": None
+                if param_store is None
+                else {name: p.detach() for name, p in param_store.items()},
+                "optimizer": optimizer,
+                "rng_state": self._rng_state,
+                "num_steps": self.num_steps,
+                "samples_seen": self.samples_seen,
+                "last_objective": self.last_objective,
+                "history": self.history.as_dict(),
+            }
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict`: the model's parameters at once, the guide's
+        parameters and the optimiser's state when the next :meth:`step` builds them (an
+        autoguide needs a batch to create its parameters). The optimiser's hyperparameters
+        come from the state; Pyro's gradient clipping (``clip_args``) does not: pass the same.
+
+        :raises ValueError: when the state was made with other options (model class, number of
+            experts, priors, guide, optimiser class, loss, ``num_data``, ``create_graph``,
+            dtype) or model parameter shapes; nothing is changed then. Pyro parameters that
+            this fit's model and guide do not create are reported by the next :meth:`step`,
+            which then leaves the fit as it was before the step.
+        """
+        check_matching_options("SVIFit", state["options"], self._options())
+        current = dict(self.model.named_parameters())
+        stored = state["model"]
+        if set(stored) != set(current):
+            raise ValueError(
+                f"the state holds the model parameters {sorted(stored)}, this model has "
+                f"{sorted(current)}"
+            )
+        for name, value in stored.items():
+            expected = current[name]
+            if value.shape != expected.shape or value.dtype != expected.dtype:
+                raise ValueError(
+                    f"model parameter {name} has shape {tuple(value.shape)} and dtype "
+                    f"{value.dtype} in the state, expected {tuple(expected.shape)} and "
+                    f"{expected.dtype}"
+                )
+        check_init(state["init"])
+        if state["initialized"] and state["param_store"] is None:
+            raise ValueError("an initialised state must hold the param store's values")
+        history = FitHistory(**copy.deepcopy(state["history"]))
+        with torch.no_grad():
+            for name, value in stored.items():
+                current[name].copy_(value)
+        self.model.fitted = bool(state["fitted"])
+        self.init, self.seed = state["init"], state["seed"]
+        self.guide, self.optimizer, self._trained, self._param_state = None, None, [], None
+        if isinstance(self.optim, pyro.optim.PyroOptim):
+            # Its per-parameter optimisers are rebuilt from the state at the next step.
+            self.optim.optim_objs.clear()
+            self.optim.grad_clip.clear()
+        self._pending_state = (
+            copy.deepcopy({"param_store": state["param_store"], "optimizer": state["optimizer"]})
+            if state["initialized"]
+            else None
+        )
+        self._rng_state = state["rng_state"].clone()
+        self.num_steps, self.samples_seen = int(state["num_steps"]), int(state["samples_seen"])
+        self.last_objective = state["last_objective"]
+        self.history = history
+
+    def _optimizer_state(self):
+        if isinstance(self.optimizer, SVI):
+            with self._context():  # Pyro names its optimisers' states by param store names
+                return self.optim.get_state()
+        return self.optimizer.state_dict()
+
+    def _load_param_store(self, values: dict, x, y) -> None:
+        """Writes a state's Pyro parameters into this fit's store (inside its context), after
+        running the model and the guide once so that every parameter they create exists."""
+        num_data = self._num_data(x)
+        guide_trace = poutine.trace(self.guide).get_trace(x, y, num_data=num_data)
+        poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(
+            x, y, num_data=num_data
+        )
+        current = dict(pyro.get_param_store().named_parameters())
+        unknown = sorted(set(values) - set(current))
+        if unknown:
+            raise ValueError(
+                f"the state holds Pyro parameters {unknown} that this fit's model and guide do "
+                f"not create (they create {sorted(current)})"
+            )
+        for name, value in values.items():
+            if value.shape != current[name].shape or value.dtype != current[name].dtype:
+                raise ValueError(
+                    f"Pyro parameter {name} has shape {tuple(value.shape)} and dtype "
+                    f"{value.dtype} in the state, expected {tuple(current[name].shape)} and "
+                    f"{current[name].dtype}"
+                )
+        with torch.no_grad():
+            for name, value in values.items():
+                current[name].copy_(value)
 
     # --------------------------------------------------------------------------- internals
     @contextlib.contextmanager
