@@ -4,16 +4,24 @@ import pytest
 import torch
 from helpers import random_gaussian_params
 
-from pyro_mm import GaussianMoE
+from pyro_mm import GaussianMoE, MultinomialMoE
 from pyro_mm.models.gating import gate_log_probs, gate_logits
 from pyro_mm.models.gaussian_moe import gaussian_expert_log_prob, gaussian_expert_means
-from pyro_mm.surrogates import GaussianExpertSurrogate, e_step, softmax_curvature
+from pyro_mm.models.params import tree_leaves
+from pyro_mm.surrogates import (
+    GaussianExpertSurrogate,
+    MultinomialExpertSurrogate,
+    e_step,
+    mixture_statistics,
+    softmax_curvature,
+)
 from pyro_mm.surrogates.gate import _DENSE_SIZE, GateStatistics, solve_gate
 from pyro_mm.surrogates.gaussian_expert import (
     _penalised_residual,
     gaussian_expert_statistics,
     solve_gaussian_experts,
 )
+from pyro_mm.surrogates.registry import fused_statistics_for
 from pyro_mm.surrogates.softmax_bound import solve_kronecker
 
 
@@ -97,3 +105,38 @@ def test_features_are_computed_once_when_the_maps_are_equal():
     different = GaussianMoE(2, 3, gate_degree=2).double()
     gate_features, expert_features = different.features(x)
     assert gate_features.shape == (10, 7) and expert_features.shape == (10, 4)
+
+
+@pytest.mark.parametrize(
+    "num_experts, out_features, degree, bound",
+    [(2, 1, 1, "bohning"), (2, 1, 1, "jaakkola-jordan"), (3, 2, 2, "paper"), (5, 3, 1, "bohning")],
+)
+def test_one_pass_gaussian_statistics_equal_the_block_by_block_statistics(
+    num_experts, out_features, degree, bound
+):
+    generator = torch.Generator().manual_seed(7)
+    model = GaussianMoE(num_experts, 3, out_features, degree, degree).double()
+    x = torch.randn(90, 3, generator=generator, dtype=torch.float64)
+    y = 2 * torch.randn(90, out_features, generator=generator, dtype=torch.float64)
+    dim = model.expert_features.num_features
+    params = random_gaussian_params(num_experts, dim, out_features, dim, generator, scale=3.0)
+    y[0] = 1e3  # a row far from every expert: responsibilities decided by round-off-free tails
+    curvature = softmax_curvature(num_experts - 1, bound)
+    surrogate = GaussianExpertSurrogate()
+    expected, expected_log_lik = mixture_statistics(
+        surrogate, params, *model.features(x), y, curvature, 1e-6
+    )
+    fused = fused_statistics_for(model, surrogate)
+    stats, log_lik = fused(params, model.regressors_and_outputs(x, y), curvature, 1e-6)
+    assert torch.allclose(log_lik, expected_log_lik, rtol=1e-12, atol=1e-12)
+    for got, want in zip(tree_leaves(stats), tree_leaves(expected)):
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_one_pass_statistics_are_used_only_where_they_apply():
+    surrogate = GaussianExpertSurrogate()
+    assert fused_statistics_for(GaussianMoE(2, 3), surrogate) is not None
+    assert fused_statistics_for(GaussianMoE(1, 3), surrogate) is None
+    assert fused_statistics_for(GaussianMoE(2, 3, gate_degree=2), surrogate) is None
+    assert fused_statistics_for(MultinomialMoE(2, 3, 3), MultinomialExpertSurrogate()) is None

@@ -9,7 +9,7 @@ from ..init import check_init, initial_params
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_leaves, tree_map, tree_to
 from ..surrogates.mixture import mixture_statistics, solve_mixture
-from ..surrogates.registry import expert_surrogate_for
+from ..surrogates.registry import expert_surrogate_for, fused_statistics_for
 from ..surrogates.softmax_bound import softmax_curvature
 from .batches import iterate_batches
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
@@ -166,6 +166,7 @@ class IncrementalMM:
             variance_floor=variance_floor,
             **{name: value for name, value in penalties.items() if value is not None},
         )
+        self._fused_statistics = fused_statistics_for(model, self.expert_surrogate)
         self.gate_penalty, self.stability, self.stability_state = gate_penalty, stability, None
         self._penalties = repr((penalty, gate_penalty, variance_prior, stability))
         #: current iterate ``theta_n`` (``None`` before initialisation).
@@ -319,6 +320,9 @@ class IncrementalMM:
         return self.averaged_params if self.averaged_params is not None else self.params
 
     def _batch_statistics(self, params, x, y):
+        if self._fused_statistics is not None:
+            design = self.model.regressors_and_outputs(x, y)
+            return self._fused_statistics(params, design, self.curvature, self.gate_eps)
         u, r = self.model.features(x)
         return mixture_statistics(
             self.expert_surrogate, params, u, r, y, self.curvature, self.gate_eps

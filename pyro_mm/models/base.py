@@ -81,6 +81,17 @@ class MixtureOfExperts(PyroModule):
             return gate_features, gate_features
         return gate_features, self.expert_features(x)
 
+    @property
+    def shares_features(self) -> bool:
+        """Whether the gate and the experts use the same regressors (``u(x) = r(x)``)."""
+        return self.expert_features == self.gate_features
+
+    def regressors_and_outputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The expert regressors and the real outputs ``(N, Q)`` of a validated batch,
+        feature-major: ``[r(x), y]^T`` of shape ``(D_e + Q, N)``, in which weighting every row
+        by a responsibility touches contiguous memory."""
+        return self.expert_features.feature_major(x, y)
+
     def get_params(self) -> MoEParams:
         """A detached copy of the current parameters as plain data."""
         with torch.no_grad():

@@ -41,6 +41,17 @@ class PolynomialFeatures:
             powers.append(powers[-1] * x)
         return torch.cat([ones] + powers, dim=-1)
 
+    def feature_major(self, x: torch.Tensor, append: torch.Tensor) -> torch.Tensor:
+        """``[u(x), append]`` transposed, ``(num_features + append columns, N)``, built by one
+        concatenation of transposed views (no separate transpose copy)."""
+        x_t = x.T
+        rows = [torch.ones(1, x.shape[0], dtype=x.dtype, device=x.device)]
+        if self.degree > 0:
+            rows.append(x_t)
+            for _ in range(self.degree - 1):
+                rows.append(rows[-1] * x_t)
+        return torch.cat(rows + [append.T])
+
     def __eq__(self, other) -> bool:
         if not isinstance(other, PolynomialFeatures):
             return NotImplemented
@@ -73,6 +84,10 @@ class CallableFeatures:
                 f"feature map returned {features.shape[-1]} columns, expected {self.num_features}"
             )
         return features
+
+    def feature_major(self, x: torch.Tensor, append: torch.Tensor) -> torch.Tensor:
+        """``[fn(x), append]`` transposed, ``(num_features + append columns, N)``."""
+        return torch.cat([self(x).T, append.T])
 
     def __repr__(self) -> str:
         return f"CallableFeatures({self.fn!r}, num_features={self.num_features})"

@@ -10,9 +10,10 @@ from ..models.gaussian_moe import GaussianMoE
 from ..models.multinomial_moe import MultinomialMoE
 from .full_covariance_expert import FullCovarianceExpertSurrogate
 from .gaussian_expert import GaussianExpertSurrogate
+from .gaussian_mixture import gaussian_mixture_statistics
 from .multinomial_expert import MultinomialExpertSurrogate
 
-__all__ = ["register_expert_surrogate", "expert_surrogate_for"]
+__all__ = ["register_expert_surrogate", "expert_surrogate_for", "fused_statistics_for"]
 
 _REGISTRY = {}
 
@@ -31,6 +32,20 @@ def expert_surrogate_for(model: MixtureOfExperts, **options):
         f"no MM surrogate is registered for {type(model).__name__}; "
         f"known model classes: {sorted(c.__name__ for c in _REGISTRY)}"
     )
+
+
+def fused_statistics_for(model: MixtureOfExperts, expert_surrogate):
+    """The one-pass statistics function of ``model`` and its ``expert_surrogate``
+    (:func:`~pyro_mm.surrogates.gaussian_mixture.gaussian_mixture_statistics`), or ``None``
+    when the block-by-block :func:`~pyro_mm.surrogates.mixture.mixture_statistics` must run:
+    another expert family, different gate and expert regressors, or one expert."""
+    if (
+        type(expert_surrogate) is GaussianExpertSurrogate
+        and model.shares_features
+        and model.num_experts >= 2
+    ):
+        return gaussian_mixture_statistics
+    return None
 
 
 register_expert_surrogate(GaussianMoE, GaussianExpertSurrogate)
