@@ -75,7 +75,9 @@ def gaussian_mixture_statistics(
     normaliser = (-0.5 * (_LOG_2PI + variance.log())).sum(-1)
     if out_features == 1:
         log_joint = torch.addcmul(
-            normaliser.unsqueeze(-1), residual.view(num_experts, num_rows).square_(), -0.5 / variance
+            normaliser.unsqueeze(-1),
+            residual.view(num_experts, num_rows).square_(),
+            -0.5 / variance,
         )
     else:
         log_joint = (residual.square_() * (-0.5 / variance).unsqueeze(-1)).sum(1)
