@@ -12,7 +12,14 @@ from .infer import (
     SVIFit,
     compare_methods,
 )
-from .models import GaussianMoE, MoEParams, MoEPriors, MultinomialMoE, PolynomialFeatures
+from .models import (
+    FullCovarianceGaussianMoE,
+    GaussianMoE,
+    MoEParams,
+    MoEPriors,
+    MultinomialMoE,
+    PolynomialFeatures,
+)
 
 __version__ = "0.1.0"
 
@@ -20,6 +27,7 @@ __all__ = [
     "EM",
     "ConstantStep",
     "FitHistory",
+    "FullCovarianceGaussianMoE",
     "GaussianMoE",
     "GradientEM",
     "IncrementalMM",

@@ -1,14 +1,19 @@
 """Full-covariance Gaussian experts: densities, the surrogate (majorisation, statistics, argmin),
-the regularised covariance estimate, and MM/EM fits that recover correlated noise."""
+the regularised covariance estimate, MM/EM fits that recover correlated noise, and the spelling
+``GaussianMoE(..., covariance="full")`` fitted by every inference class."""
 
+import copy
 import math
 
 import pyro
+import pyro.optim
 import pytest
 import torch
+from helpers import assert_trees_identical
+from pyro.infer import SVI, Predictive, Trace_ELBO
 
-from pyro_mm import IncrementalMM
-from pyro_mm.infer import EM, batch_mm
+from pyro_mm import EM, GradientEM, IncrementalMM, MirrorDescentEM, SVIFit
+from pyro_mm.infer import batch_mm
 from pyro_mm.models import FullCovarianceExpertParams, FullCovarianceGaussianMoE, GaussianMoE
 from pyro_mm.models.features import PolynomialFeatures
 from pyro_mm.models.gating import gate_log_probs
@@ -228,3 +233,97 @@ def test_bad_prior_is_named():
         InverseWishartPrior(torch.eye(3), 1.0, 10.0)
     with pytest.raises(TypeError, match="InverseWishartPrior"):
         FullCovarianceExpertSurrogate(covariance_prior="iw")
+
+
+# ------------------------------------------------------- GaussianMoE(..., covariance="full")
+def test_the_covariance_option_builds_the_full_covariance_model():
+    model = GaussianMoE(3, 2, 2, gate_degree=2, seed=4, covariance="full")
+    assert type(model) is FullCovarianceGaussianMoE
+    # A sibling class: its expert parameters are not the diagonal model's expert_variance.
+    assert not isinstance(model, GaussianMoE) and not hasattr(model, "expert_variance")
+    assert model.covariance == "full"
+    assert repr(model) == (
+        "FullCovarianceGaussianMoE(num_experts=3, in_features=2, out_features=2, covariance='full')"
+    )
+    explicit = FullCovarianceGaussianMoE(3, 2, 2, gate_degree=2, seed=4)
+    assert_trees_identical(model.get_params(), explicit.get_params())
+    assert model.gate_features == explicit.gate_features
+    assert isinstance(expert_surrogate_for(model), FullCovarianceExpertSurrogate)
+    assert type(copy.deepcopy(model)) is FullCovarianceGaussianMoE
+    with_prior = GaussianMoE(
+        2, 2, 2, priors={"expert_weight": pyro.distributions.Normal(0.0, 10.0)}, covariance="full"
+    )
+    assert type(with_prior) is FullCovarianceGaussianMoE and with_prior.has_priors
+
+    for diagonal in (GaussianMoE(3, 2, 2), GaussianMoE(3, 2, 2, covariance="diagonal")):
+        assert type(diagonal) is GaussianMoE and diagonal.covariance == "diagonal"
+        assert "covariance='diagonal'" in repr(diagonal)
+        assert type(copy.deepcopy(diagonal)) is GaussianMoE
+
+
+@pytest.mark.parametrize("covariance", ["spherical", "Full", None])
+def test_an_unknown_covariance_is_refused_naming_the_allowed_ones(covariance):
+    with pytest.raises(ValueError, match=r"covariance must be one of \('diagonal', 'full'\)"):
+        GaussianMoE(2, 2, covariance=covariance)
+
+
+def test_a_subclass_of_the_diagonal_model_refuses_full_covariance():
+    class Diagonal(GaussianMoE):
+        pass
+
+    with pytest.raises(ValueError, match="Diagonal has diagonal covariances"):
+        Diagonal(2, 2, covariance="full")
+
+
+def _correlated_data(num_rows=1200):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(num_rows, 2, generator=generator, dtype=torch.float64)
+    y, _ = (
+        FullCovarianceGaussianMoE(2, 2, 2)
+        .double()
+        .sample(x, _correlated_truth(), generator=generator)
+    )
+    return x, y
+
+
+_FITS = {
+    "IncrementalMM": lambda model: IncrementalMM(model, init="kmeans"),
+    "EM": lambda model: EM(model, init="kmeans"),
+    "MirrorDescentEM": lambda model: MirrorDescentEM(model, init="kmeans"),
+    "GradientEM": lambda model: GradientEM(model, lr_gate=0.5, lr_experts=0.2, init="kmeans"),
+    "SVIFit": lambda model: SVIFit(model, optim_args={"lr": 0.05}, init="kmeans"),
+}
+
+
+@pytest.mark.parametrize("method", list(_FITS))
+def test_every_inference_class_fits_the_full_covariance_spelling(method):
+    x, y = _correlated_data()
+    model = GaussianMoE(2, 2, 2, covariance="full")
+    fit = _FITS[method](model)
+    fit.initialize(x[:200], y[:200])
+    start = -model.log_prob(x, y).mean().item()
+    for _ in range(3):
+        for begin in range(0, x.shape[0], 200):
+            fit.step(x[begin : begin + 200], y[begin : begin + 200])
+    end = -model.log_prob(x, y).mean().item()
+    assert math.isfinite(end) and end < start - 0.2
+    assert type(fit.model) is FullCovarianceGaussianMoE
+    assert fit.model.get_params().experts.covariance.shape == (2, 2, 2)
+
+
+def test_the_spectral_start_of_diagonal_experts_refuses_full_covariance():
+    x, y = _correlated_data(400)
+    model = GaussianMoE(2, 2, 2, covariance="full")
+    with pytest.raises(TypeError, match="spectral_init needs a GaussianMoE"):
+        IncrementalMM(model, init="spectral").step(x, y)
+
+
+def test_pyro_svi_and_predictive_run_on_the_full_covariance_spelling():
+    x, y = _correlated_data(400)
+    model = GaussianMoE(2, 2, 2, covariance="full").double()
+    with pyro.get_param_store().scope():
+        svi = SVI(model, lambda *args, **kwargs: None, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+        losses = [svi.step(x, y) for _ in range(60)]
+        assert losses[-1] < losses[0]
+        samples = Predictive(model, num_samples=5)(x)["y"]
+    assert samples.shape == (5, 400, 2)

@@ -57,7 +57,9 @@ class FullCovarianceGaussianMoE(MixtureOfExperts):
         \Sigma_k\big).
 
     The same model as :class:`~pyro_mm.models.GaussianMoE` with ``diag(sigma_k^2)`` replaced by
-    ``Sigma_k``; its parameters are the Pyro params ``gate_weight`` ``(K-1, D_g)``,
+    ``Sigma_k``, and what ``GaussianMoE(..., covariance="full")`` builds (a sibling class of
+    ``GaussianMoE``, not a subclass: the expert parameters differ); its parameters are the Pyro
+    params ``gate_weight`` ``(K-1, D_g)``,
     ``expert_weight`` ``(K, Q, D_e)`` and ``expert_covariance`` ``(K, Q, Q)`` (positive
     definite). Its MM/EM block (closed-form weighted least squares and a regularised covariance
     estimate) is :class:`~pyro_mm.surrogates.full_covariance_expert.FullCovarianceExpertSurrogate`.
@@ -70,6 +72,9 @@ class FullCovarianceGaussianMoE(MixtureOfExperts):
     :param int seed: seed of the random initial expert weights.
     :param priors: priors on the parameters for SVI (see :class:`~pyro_mm.models.GaussianMoE`).
     """
+
+    #: the covariance of each expert's noise (``GaussianMoE``'s is ``"diagonal"``).
+    covariance = "full"
 
     def __init__(
         self,
@@ -90,6 +95,7 @@ class FullCovarianceGaussianMoE(MixtureOfExperts):
     # Outputs, the regression function and its features are those of the diagonal model.
     check_y = GaussianMoE.check_y
     predict = GaussianMoE.predict
+    extra_repr = GaussianMoE.extra_repr
 
     def get_expert_params(self) -> FullCovarianceExpertParams:
         return FullCovarianceExpertParams(

@@ -12,9 +12,12 @@ from .base import MixtureOfExperts
 from .gating import gate_logits
 from .params import GaussianExpertParams, MoEParams
 
-__all__ = ["GaussianMoE", "gaussian_expert_means", "gaussian_expert_log_prob"]
+__all__ = ["COVARIANCES", "GaussianMoE", "gaussian_expert_means", "gaussian_expert_log_prob"]
 
 _LOG_2PI = math.log(2 * math.pi)
+
+#: Accepted values of ``GaussianMoE(..., covariance=)``.
+COVARIANCES = ("diagonal", "full")
 
 
 def gaussian_expert_means(weight: torch.Tensor, expert_features: torch.Tensor) -> torch.Tensor:
@@ -42,7 +45,8 @@ def gaussian_expert_log_prob(
 
 
 class GaussianMoE(MixtureOfExperts):
-    r"""Softmax-gated mixture of Gaussian regression experts with diagonal covariance.
+    r"""Softmax-gated mixture of Gaussian regression experts with diagonal (default) or full
+    output covariance.
 
     .. math:: p(y \mid x) = \sum_{k=1}^K g_k(x)\,
         \mathcal{N}\big(y;\ \Upsilon_k r(x),\ \mathrm{diag}(\sigma^2_{k,1..Q})\big)
@@ -56,6 +60,14 @@ class GaussianMoE(MixtureOfExperts):
     module: ``gate_weight`` ``(K-1, D_g)``, ``expert_weight`` ``(K, Q, D_e)`` and
     ``expert_variance`` ``(K, Q)`` (positive).
 
+    ``GaussianMoE(..., covariance="full")`` builds the model with a full ``Q x Q`` covariance
+    ``Sigma_k`` per expert instead (correlated outputs): an instance of
+    :class:`~pyro_mm.models.FullCovarianceGaussianMoE` (parameter ``expert_covariance``
+    ``(K, Q, Q)`` in place of ``expert_variance``), which every inference class fits with its
+    full-covariance MM/EM block. It is a sibling class, not a subclass: its parameters are not
+    those of the diagonal model, so code that needs the diagonal model's ``expert_variance``
+    (e.g. ``init="spectral"``) refuses it by its type.
+
     :param int num_experts: number of experts ``K``.
     :param int in_features: number of input columns ``P``.
     :param int out_features: number of outputs ``Q``.
@@ -67,7 +79,24 @@ class GaussianMoE(MixtureOfExperts):
         likelihood), a :class:`~pyro_mm.models.priors.MoEPriors` or a dict
         ``{parameter name: distribution}``: those parameters become latent sample sites of the
         Pyro model, for SVI with an autoguide (see :meth:`set_priors`).
+    :param str covariance: ``"diagonal"`` (default: ``diag(sigma_k^2)``, this class) or
+        ``"full"`` (``Sigma_k``: a :class:`~pyro_mm.models.FullCovarianceGaussianMoE`).
+    :raises ValueError: for a ``covariance`` other than those of :data:`COVARIANCES`.
     """
+
+    #: the covariance of each expert's noise: ``"diagonal"`` here, ``"full"`` for
+    #: :class:`~pyro_mm.models.FullCovarianceGaussianMoE`.
+    covariance = "diagonal"
+
+    def __new__(cls, *args, covariance: str = "diagonal", **kwargs):
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+        if covariance == "full" and cls is GaussianMoE:
+            from .full_covariance_gaussian_moe import FullCovarianceGaussianMoE
+
+            # Not an instance of cls, so Python does not run GaussianMoE.__init__ on it.
+            return FullCovarianceGaussianMoE(*args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -78,13 +107,26 @@ class GaussianMoE(MixtureOfExperts):
         expert_degree=1,
         seed: int = 0,
         priors=None,
+        *,
+        covariance: str = "diagonal",
     ):
+        if covariance != self.covariance:
+            raise ValueError(
+                f"{type(self).__name__} has {self.covariance} covariances, got "
+                f"covariance={covariance!r}; use GaussianMoE(..., covariance={covariance!r})"
+            )
         super().__init__(num_experts, in_features, gate_degree, expert_degree)
         self._init_expert_weight(out_features, seed)
         self.expert_variance = PyroParam(
             torch.ones(self.num_experts, self.out_features), constraint=constraints.positive
         )
         self.set_priors(priors)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, covariance={self.covariance!r}"
+        )
 
     def _init_expert_weight(self, out_features: int, seed: int) -> None:
         """Validates ``out_features`` and draws the ``(K, Q, D_e)`` expert weights from ``seed``."""
