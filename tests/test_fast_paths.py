@@ -140,3 +140,24 @@ def test_one_pass_statistics_are_used_only_where_they_apply():
     assert fused_statistics_for(GaussianMoE(1, 3), surrogate) is None
     assert fused_statistics_for(GaussianMoE(2, 3, gate_degree=2), surrogate) is None
     assert fused_statistics_for(MultinomialMoE(2, 3, 3), MultinomialExpertSurrogate()) is None
+
+
+@pytest.mark.parametrize("bound", ["bohning", "jaakkola-jordan"])
+def test_incremental_mm_with_one_pass_statistics_follows_the_block_by_block_iteration(bound):
+    from pyro_mm import IncrementalMM
+    from pyro_mm.datasets import gaussian_moe_truth, sample_gaussian_moe
+
+    truth = gaussian_moe_truth(2, 4, 2, gate_norm=3.0, noise_std=0.5, seed=3)
+    x, y = sample_gaussian_moe(truth, 2_000, seed=4)
+    fits = []
+    for fused in (True, False):
+        infer = IncrementalMM(GaussianMoE(2, 4, 2), gate_bound=bound)
+        assert infer._fused_statistics is not None
+        if not fused:
+            infer._fused_statistics = None
+        losses = [infer.step(x[i : i + 100], y[i : i + 100]) for i in range(0, 2_000, 100)]
+        fits.append((losses, infer.params))
+    (losses, params), (expected_losses, expected_params) = fits
+    assert max(abs(a - b) for a, b in zip(losses, expected_losses)) < 1e-10
+    for got, want in zip(tree_leaves(params), tree_leaves(expected_params)):
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-10)
