@@ -20,6 +20,7 @@ __all__ = [
     "align_experts",
     "parameter_error",
     "regression_errors",
+    "classification_errors",
     "evaluate_fit",
     "voronoi_loss",
 ]
@@ -125,22 +126,69 @@ def regression_errors(prediction, target) -> dict:
     }
 
 
+def classification_errors(probs, labels) -> dict:
+    """``{"accuracy", "log_loss"}`` of class probabilities ``probs`` ``(N, M)`` against integer
+    ``labels`` ``(N,)``: the share of rows whose most probable class is the label, and the mean
+    ``-log probs[n, labels[n]]``."""
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    if probs.dim() != 2 or labels.shape != probs.shape[:1]:
+        raise ValueError(
+            f"probs must be (N, M) and labels (N,), got {tuple(probs.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    label_probs = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return {
+        "accuracy": (probs.argmax(-1) == labels).double().mean().item(),
+        "log_loss": -label_probs.log().mean().item(),
+    }
+
+
+def _is_classifier(model) -> bool:
+    from .models.multinomial_moe import MultinomialMoE
+
+    return isinstance(model, MultinomialMoE)
+
+
 def evaluate_fit(model, x, y, truth: MoEParams = None) -> dict:
     """The evaluation every fitting method gets, on held-out ``(x, y)``, at ``model``'s parameters.
 
     * ``heldout_nll``: mean negative log-likelihood of ``(x, y)``;
+    * with ``truth``: ``parameter_error``, the relative error of the permutation-aligned
+      parameters (:func:`parameter_error`'s ``"total"``);
+
+    and for a model with real outputs (regression):
+
     * ``prediction_*``: MSE, MAPE, NRMSE of ``E[y|x]`` against ``y`` (prediction error);
     * with ``truth``: ``estimation_*``, the same errors of ``E[y|x]`` against ``E[y|x]`` under
-      ``truth`` (estimation error), and ``parameter_error``, the relative error of the
-      permutation-aligned parameters (:func:`parameter_error`'s ``"total"``).
+      ``truth`` (estimation error);
 
-    The regression errors need a model with real outputs (``model.predict``).
+    or for a classifier (:class:`~pyro_mm.models.MultinomialMoE`):
+
+    * ``accuracy`` and ``log_loss`` of the class probabilities ``p(y | x)`` against ``y``
+      (:func:`classification_errors`; ``log_loss`` equals ``heldout_nll``);
+    * with ``truth``: ``estimation_kl``, the mean over rows of
+      ``KL(p_truth(. | x) || p(. | x))``, and ``estimation_accuracy``, the share of rows whose
+      most probable class agrees with the truth's.
 
     :returns: a flat dict of floats.
     """
     x = model.check_x(x)
     y = model.check_y(y, x.shape[0])
     report = {"heldout_nll": mean_nll(model, x, y)}
+    if _is_classifier(model):
+        with torch.no_grad():
+            fitted_probs = model.predict(x)
+            report.update(classification_errors(fitted_probs, y))
+            if truth is not None:
+                true_probs = model.predict(x, truth)
+                log_ratio = true_probs.log() - fitted_probs.log()
+                kl = (true_probs * log_ratio).nan_to_num(nan=0.0).sum(-1).mean().item()
+                agree = (true_probs.argmax(-1) == fitted_probs.argmax(-1)).double().mean().item()
+                report["estimation_kl"] = kl
+                report["estimation_accuracy"] = agree
+                report["parameter_error"] = parameter_error(model.get_params(), truth)["total"]
+        return report
     with torch.no_grad():
         fitted_mean = model.predict(x)
         for name, value in regression_errors(fitted_mean, y).items():

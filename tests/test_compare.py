@@ -182,3 +182,64 @@ def test_compare_rejects_bad_arguments(tiny):
         ALL_METHODS[6].make_fitter(MAKE_MODEL())
     with pytest.raises(ValueError, match="no learning rate"):
         ALL_METHODS[0].make_fitter(MAKE_MODEL(), 0.1)
+
+
+def test_compare_methods_evaluates_a_classifier_by_accuracy_and_log_loss():
+    """A MultinomialMoE comparison: class-probability metrics instead of regression errors."""
+    from pyro_mm import MultinomialMoE
+    from pyro_mm.datasets.synthetic import multinomial_moe_truth, sample_multinomial_moe
+    from pyro_mm.metrics import classification_errors
+
+    truth = multinomial_moe_truth(2, 2, 3, seed=5)
+    x, y = sample_multinomial_moe(truth, 160, seed=6)
+    make_model = functools.partial(MultinomialMoE, 2, 2, 3)
+    methods = [
+        Method("IncrementalMM", lambda m: IncrementalMM(m, ridge=1e-3)),
+        Method("EM", lambda m: EM(m, ridge=1e-3)),
+        Method("Adam", _svi(torch.optim.Adam), (0.05,)),
+    ]
+    results = compare_methods(
+        methods, make_model, x[:120], y[:120], x[120:], y[120:], truth=truth, epochs=2
+    )
+    for name, result in results.items():
+        metrics = result.metrics
+        assert set(metrics) == {
+            "heldout_nll",
+            "accuracy",
+            "log_loss",
+            "estimation_kl",
+            "estimation_accuracy",
+            "parameter_error",
+        }, name
+        assert all(math.isfinite(v) for v in metrics.values()), name
+        model = make_model().double()
+        probs = model.predict(x[120:], result.params)
+        direct = classification_errors(probs, y[120:])
+        assert metrics["accuracy"] == pytest.approx(direct["accuracy"], abs=1e-12)
+        assert metrics["log_loss"] == pytest.approx(metrics["heldout_nll"], rel=1e-10)
+        assert metrics["log_loss"] == pytest.approx(
+            mean_nll(model, x[120:], y[120:], result.params), rel=1e-10
+        )
+        true_probs = model.predict(x[120:], truth)
+        kl = (true_probs * (true_probs.log() - probs.log())).sum(-1).mean().item()
+        assert metrics["estimation_kl"] == pytest.approx(kl, rel=1e-10) and kl >= 0
+    # the truth scores a zero KL and full agreement with itself
+    model = make_model().double()
+    model.set_params(truth)
+    from pyro_mm.metrics import evaluate_fit
+
+    own = evaluate_fit(model, x[120:], y[120:], truth)
+    assert own["estimation_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert own["estimation_accuracy"] == 1.0 and own["parameter_error"] < 1e-12
+
+
+def test_classification_errors_checks_shapes_and_counts_argmax_hits():
+    from pyro_mm.metrics import classification_errors
+
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1]])
+    errors = classification_errors(probs, torch.tensor([0, 2, 1]))
+    assert errors["accuracy"] == pytest.approx(2 / 3)
+    expected = -(math.log(0.7) + math.log(0.6) + math.log(0.4)) / 3
+    assert errors["log_loss"] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="probs must be"):
+        classification_errors(probs, torch.tensor([0, 1]))

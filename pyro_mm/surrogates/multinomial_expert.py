@@ -21,6 +21,15 @@ A ridge ``lambda`` adds ``lambda/2 sum_k ||V_k||^2`` to the mean negative log-li
 Gaussian prior; a linearly separable expert has no finite maximum-likelihood estimate). Unlike
 the Gaussian experts' ridge it is absolute, not relative to each expert's mass, so that MM and the
 exact EM M-step both decrease one fixed penalised objective and share its stationary points.
+
+With ``bound="jebara-choromanska"`` the constant ``C`` is replaced by a per-sample curvature
+``Sigma_k(x)`` evaluated at the expert's current logits
+(:class:`~pyro_mm.surrogates.softmax_bound.JebaraChoromanskaBound`; Jaakkola-Jordan for two
+classes). It is far smaller than ``C`` where the expert is confident, so each MM step moves the
+experts further. The surrogate keeps its form with ``C (x) G_k`` replaced by the full
+``(M-1) D``-square matrix ``G_k = avg tau_k Sigma_k (x) r r^T`` and
+``L_k = avg tau_k (Sigma_k V_k^n r + t - p_k) r^T``; the argmin is one dense Cholesky solve per
+expert (``(M-1) D`` unknowns).
 """
 
 import dataclasses
@@ -32,6 +41,7 @@ from ..models.params import MultinomialExpertParams
 from .report import SolveReport
 from .softmax_bound import (
     SOFTMAX_BOUNDS,
+    JebaraChoromanskaBound,
     kronecker_quadratic_value,
     softmax_curvature,
     solve_kronecker,
@@ -39,6 +49,7 @@ from .softmax_bound import (
 from .softmax_regression import fit_softmax_regression
 
 __all__ = [
+    "EXPERT_BOUNDS",
     "MultinomialExpertStatistics",
     "MultinomialExpertSurrogate",
     "multinomial_expert_statistics",
@@ -47,14 +58,21 @@ __all__ = [
     "multinomial_expert_surrogate_value",
 ]
 
+#: Curvature bounds of the experts' softmax: the constant ones and the per-sample
+#: Jebara-Choromanska bound (the default: measured best, ``benchmarks/classification.py``).
+EXPERT_BOUNDS = SOFTMAX_BOUNDS + ("jebara-choromanska",)
+
 
 @dataclasses.dataclass
 class MultinomialExpertStatistics:
     """Averaged sufficient statistics of ``K`` multinomial-logistic experts.
 
     :ivar torch.Tensor weight: ``(K,)`` ``avg tau_k``.
-    :ivar torch.Tensor gram: ``(K, D, D)`` ``avg tau_k r r^T``.
-    :ivar torch.Tensor linear: ``(K, M - 1, D)`` ``avg [tau_k C V_k^n r r^T + tau_k (t - p_k) r^T]``.
+    :ivar torch.Tensor gram: ``(K, D, D)`` ``avg tau_k r r^T`` for a constant bound ``C``; for
+        the per-sample bound the whole curvature ``avg tau_k Sigma_k (x) r r^T``, shape
+        ``(K, (M - 1) D, (M - 1) D)`` (row-major ``vec`` of the ``(M - 1, D)`` weights).
+    :ivar torch.Tensor linear: ``(K, M - 1, D)`` ``avg [tau_k C V_k^n r r^T + tau_k (t - p_k) r^T]``
+        (``Sigma_k V_k^n r`` in place of ``C V_k^n r`` for the per-sample bound).
     """
 
     weight: torch.Tensor
@@ -65,11 +83,39 @@ class MultinomialExpertStatistics:
 def _bound_statistics(weight, expert_features, mass, residual, curvature):
     """Statistics from per-row expert weights ``mass`` ``(N, K)`` and residuals ``(N, K, M-1)``."""
     num_rows = expert_features.shape[0]
+    if isinstance(curvature, JebaraChoromanskaBound):
+        return _sample_bound_statistics(weight, expert_features, mass, residual, curvature)
     gram = torch.einsum("nk,nd,ne->kde", mass, expert_features, expert_features) / num_rows
     linear = torch.einsum("nkm,nd->kmd", residual, expert_features) / num_rows
     return MultinomialExpertStatistics(
         weight=mass.mean(0), gram=gram, linear=linear + curvature @ weight @ gram
     )
+
+
+def _sample_bound_statistics(weight, expert_features, mass, residual, bound):
+    """:func:`_bound_statistics` for a per-sample curvature ``Sigma_k(x)`` (dense blocks)."""
+    num_rows, num_features = expert_features.shape
+    num_experts, num_free = weight.shape[:2]
+    logits = multinomial_expert_logits(weight, expert_features)[..., :-1]
+    weighted = mass[..., None, None] * bound.sample_curvature(logits)
+    outer = expert_features.unsqueeze(-1) * expert_features.unsqueeze(-2)
+    gram = weighted.reshape(num_rows, -1).T @ outer.reshape(num_rows, -1) / num_rows
+    gram = gram.reshape(num_experts, num_free, num_free, num_features, num_features)
+    size = num_free * num_features
+    gram = gram.permute(0, 1, 3, 2, 4).reshape(num_experts, size, size)
+    pull = (weighted @ logits.unsqueeze(-1)).squeeze(-1) + residual
+    linear = torch.einsum("nkm,nd->kmd", pull, expert_features) / num_rows
+    return MultinomialExpertStatistics(weight=mass.mean(0), gram=gram, linear=linear)
+
+
+def _solve_dense(gram, ridge, linear):
+    """``vec(V_k) = (G_k + lambda I)^{-1} vec(L_k)`` per expert, by Cholesky."""
+    system = gram + ridge * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    rhs = linear.reshape(linear.shape[0], -1, 1)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if bool(info.any()):
+        return torch.linalg.solve(system, rhs).reshape(linear.shape)
+    return torch.cholesky_solve(rhs, factor).reshape(linear.shape)
 
 
 def multinomial_expert_statistics(
@@ -86,7 +132,8 @@ def multinomial_expert_statistics(
     :param torch.Tensor expert_features: ``(N, D)`` regressors ``r(x)``.
     :param torch.Tensor y: ``(N,)`` integer labels.
     :param torch.Tensor resp: ``(N, K)`` responsibilities ``tau`` at ``theta_n``.
-    :param torch.Tensor curvature: ``(M - 1, M - 1)`` softmax curvature bound ``C``.
+    :param curvature: ``(M - 1, M - 1)`` softmax curvature bound ``C``, or a
+        :class:`~pyro_mm.surrogates.softmax_bound.JebaraChoromanskaBound`.
     """
     weight = expert_params.weight
     probs = torch.softmax(multinomial_expert_logits(weight, expert_features), -1)[..., :-1]
@@ -127,13 +174,18 @@ def solve_multinomial_experts(
 
     :param MultinomialExpertStatistics stats: averaged statistics.
     :param MultinomialExpertParams previous: parameters kept for experts with no data.
-    :param torch.Tensor curvature: ``(M - 1, M - 1)`` softmax curvature bound ``C``.
+    :param curvature: ``(M - 1, M - 1)`` softmax curvature bound ``C`` (Kronecker solve), or a
+        :class:`~pyro_mm.surrogates.softmax_bound.JebaraChoromanskaBound` (dense solve of the
+        curvature held in ``stats.gram``).
     :param float ridge: ``lambda > 0``, the penalty ``lambda/2 ||V_k||^2`` per expert.
     :param float min_weight: experts with ``avg tau_k`` below this keep ``previous``.
     :returns: ``(MultinomialExpertParams, SolveReport)``.
     """
     empty = stats.weight < min_weight
-    weight = solve_kronecker(curvature, stats.gram, ridge, stats.linear)
+    if isinstance(curvature, JebaraChoromanskaBound):
+        weight = _solve_dense(stats.gram, ridge, stats.linear)
+    else:
+        weight = solve_kronecker(curvature, stats.gram, ridge, stats.linear)
     weight = torch.where(empty[:, None, None], previous.weight, weight)
     return MultinomialExpertParams(weight=weight), SolveReport(empty_experts=empty)
 
@@ -146,6 +198,10 @@ def multinomial_expert_surrogate_value(
 ) -> torch.Tensor:
     """The expert surrogate (up to a constant) from statistics, summed over experts, including
     the ridge penalty; its minimiser over ``params`` is :func:`solve_multinomial_experts`."""
+    if isinstance(curvature, JebaraChoromanskaBound):
+        flat = params.weight.reshape(params.weight.shape[0], -1, 1)
+        quadratic = (flat.transpose(-1, -2) @ stats.gram @ flat).sum() + ridge * flat.square().sum()
+        return 0.5 * quadratic - (stats.linear * params.weight).sum()
     return kronecker_quadratic_value(curvature, stats.gram, ridge, stats.linear, params.weight)
 
 
@@ -158,7 +214,12 @@ class MultinomialExpertSurrogate:
     :param float variance_floor: accepted for a uniform construction by the inference classes
         and ignored (these experts have no variance).
     :param float min_weight: responsibility mass below which an expert counts as empty.
-    :param str bound: curvature bound of the experts' softmax, ``"bohning"`` or ``"paper"``.
+    :param str bound: curvature bound of the experts' softmax: ``"jebara-choromanska"`` (the
+        default; per sample, tight where an expert is confident, one dense solve of
+        ``(M - 1) D`` unknowns per expert), or a constant bound, ``"bohning"`` or ``"paper"``
+        (one Kronecker-structured solve per expert, cheaper per step for many classes and
+        features, but MM steps are much shorter once the experts are confident; see
+        ``benchmarks/classification.py``).
     :param penalty: not supported (``None``): a lasso's diagonal curvature would break the
         Kronecker structure of the solve; use ``ridge``.
     :param variance_prior: not supported (``None``): these experts have no variance.
@@ -169,7 +230,7 @@ class MultinomialExpertSurrogate:
         ridge: float = 1e-8,
         variance_floor: float = None,
         min_weight: float = 1e-8,
-        bound: str = "bohning",
+        bound: str = "jebara-choromanska",
         penalty=None,
         variance_prior=None,
     ):
@@ -184,16 +245,19 @@ class MultinomialExpertSurrogate:
                 f"multinomial experts need ridge > 0 (a linearly separable expert has no finite "
                 f"maximum-likelihood estimate), got ridge={ridge!r}"
             )
-        if bound not in SOFTMAX_BOUNDS:
-            raise ValueError(f"unknown softmax bound {bound!r}; choose one of {SOFTMAX_BOUNDS}")
+        if bound not in EXPERT_BOUNDS:
+            raise ValueError(f"unknown softmax bound {bound!r}; choose one of {EXPERT_BOUNDS}")
         self.ridge = float(ridge)
         self.min_weight = min_weight
         self.bound = bound
 
     log_prob = staticmethod(multinomial_expert_log_prob)
 
-    def curvature(self, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
-        """The ``(M - 1, M - 1)`` curvature bound ``C`` for ``num_classes = M``."""
+    def curvature(self, num_classes: int, dtype: torch.dtype):
+        """The ``(M - 1, M - 1)`` curvature bound ``C`` for ``num_classes = M``, or the
+        :class:`~pyro_mm.surrogates.softmax_bound.JebaraChoromanskaBound`."""
+        if self.bound == "jebara-choromanska":
+            return JebaraChoromanskaBound(dtype)
         return softmax_curvature(num_classes - 1, self.bound, dtype)
 
     def statistics(self, expert_params, expert_features, y, resp) -> MultinomialExpertStatistics:

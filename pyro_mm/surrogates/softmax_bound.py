@@ -12,6 +12,7 @@ __all__ = [
     "SOFTMAX_BOUNDS",
     "GATE_BOUNDS",
     "JaakkolaJordanBound",
+    "JebaraChoromanskaBound",
     "kronecker_left",
     "softmax_curvature",
     "solve_kronecker",
@@ -55,6 +56,59 @@ class JaakkolaJordanBound:
 
     def __repr__(self) -> str:
         return "JaakkolaJordanBound()"
+
+
+class JebaraChoromanskaBound:
+    r"""The per-sample quadratic bound of the softmax log-partition of Jebara and Choromanska
+    (2012, "Majorization for CRFs and latent likelihoods", Algorithm 1), touching at each sample.
+
+    For ``M`` classes with free logits ``eta`` (reference class at zero) and
+    ``lse(eta) = log(1 + sum_{m<M} exp(eta_m))``,
+
+    .. math:: \mathrm{lse}(\eta) \le \mathrm{lse}(\xi) + p(\xi)^\top (\eta - \xi)
+        + \tfrac12 (\eta - \xi)^\top \Sigma(\xi) (\eta - \xi)
+
+    for every ``eta``, with equality (and equal gradients) at the expansion point ``xi``.
+    ``Sigma(xi)`` is built by adding the classes one at a time: with the running partial sum
+    ``z``, the running mean ``mu`` of the class indicators ``f_j`` (``e_j``, the reference ``0``)
+    and ``alpha_j = exp(xi_j)``, each class adds ``2 lambda(log(alpha_j / z)) l l^T`` with
+    ``l = f_j - mu`` and ``lambda`` the Jaakkola-Jordan coefficient (each addition is that
+    logistic bound of ``log(1 + alpha_j e^{...} / z)``). For two classes it is the Jaakkola-Jordan
+    bound. The classes are added in decreasing order of ``xi`` (any order gives a valid bound;
+    this one is tightest for a confident softmax, where the later classes' ``|log(alpha_j /
+    z)|`` is large). Unlike Böhning's constant ``C`` it shrinks where the softmax is confident
+    (it decays like ``1 / margin``; Böhning's largest eigenvalue stays ``1/2``), so an MM step moves confident experts much
+    further; it is not uniformly below ``C`` (``tests/test_multinomial_moe.py`` checks the
+    majorisation and touching).
+
+    :param torch.dtype dtype: dtype of the curvatures.
+    """
+
+    def __init__(self, dtype=torch.float64):
+        self.dtype = dtype
+
+    def sample_curvature(self, logits: torch.Tensor) -> torch.Tensor:
+        """``Sigma(xi)`` of shape ``(..., M - 1, M - 1)`` for free logits ``(..., M - 1)``."""
+        full = torch.nn.functional.pad(logits, (0, 1))
+        num_classes = full.shape[-1]
+        order = full.argsort(-1, descending=True)
+        indicators = torch.eye(num_classes, num_classes - 1, dtype=logits.dtype)[order]
+        log_alpha = full.gather(-1, order)
+        mean, log_total = indicators[..., 0, :], log_alpha[..., 0]
+        curvature = logits.new_zeros(logits.shape + logits.shape[-1:])
+        for j in range(1, num_classes):
+            centred = indicators[..., j, :] - mean
+            log_ratio = log_alpha[..., j] - log_total
+            coefficient = JaakkolaJordanBound.sample_curvature(log_ratio)
+            curvature = curvature + coefficient[..., None, None] * (
+                centred.unsqueeze(-1) * centred.unsqueeze(-2)
+            )
+            mean = mean + torch.sigmoid(log_ratio).unsqueeze(-1) * centred
+            log_total = torch.logaddexp(log_total, log_alpha[..., j])
+        return curvature
+
+    def __repr__(self) -> str:
+        return "JebaraChoromanskaBound()"
 
 
 def kronecker_left(curvature) -> torch.Tensor:
