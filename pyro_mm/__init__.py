@@ -15,10 +15,13 @@ from .infer import (
 from .models import (
     FullCovarianceGaussianMoE,
     GaussianMoE,
+    HierarchicalGate,
     MoEParams,
     MoEPriors,
     MultinomialMoE,
     PolynomialFeatures,
+    SoftmaxGate,
+    TemperatureGate,
 )
 
 __version__ = "0.1.0"
@@ -30,6 +33,7 @@ __all__ = [
     "FullCovarianceGaussianMoE",
     "GaussianMoE",
     "GradientEM",
+    "HierarchicalGate",
     "IncrementalMM",
     "MirrorDescentEM",
     "MoEParams",
@@ -38,6 +42,8 @@ __all__ = [
     "PolynomialFeatures",
     "PowerDecay",
     "SVIFit",
+    "SoftmaxGate",
+    "TemperatureGate",
     "__version__",
     "compare_methods",
 ]

@@ -3,15 +3,16 @@
 * :func:`kmeans_init`: the paper's default: K-means (scikit-learn, several restarts, lowest
   distortion) on a first batch of standardised ``(x, y)``, experts fitted on their clusters,
   gate at zero or, with ``gate="logistic"``, a multinomial logistic regression of the cluster
-  labels on the gate features (the paper's "Incremental MM*").
+  labels on the gate features (the paper's "Incremental MM*"; for another gate kind, its block's
+  fit to the labels, e.g. one regression per level of a hierarchical gate).
 """
 
 import numpy as np
 import torch
 
 from .models.base import MixtureOfExperts
-from .models.params import tree_to
-from .surrogates.registry import expert_surrogate_for
+from .models.params import tree_map, tree_to
+from .surrogates.registry import expert_surrogate_for, gate_surrogate_for
 
 __all__ = ["INITS", "check_init", "initial_params", "kmeans_init", "check_enough_rows"]
 
@@ -100,24 +101,8 @@ def kmeans_init(
     surrogate = expert_surrogate if expert_surrogate is not None else expert_surrogate_for(model)
     u, r = model.features(x)
     experts, _ = surrogate.solve(surrogate.statistics(current.experts, r, y, resp), current.experts)
-    gate_weight = torch.zeros_like(current.gate)
+    gate_params = tree_map(torch.zeros_like, current.gate)
     if gate == "logistic" and num_experts > 1:
-        gate_weight = _logistic_gate(u, labels, num_experts, seed).to(x.dtype)
-    return type(current)(gate=gate_weight, experts=experts)
-
-
-def _logistic_gate(u: torch.Tensor, labels: torch.Tensor, num_experts: int, seed: int):
-    from sklearn.linear_model import LogisticRegression
-
-    present = np.unique(labels.numpy())
-    if len(present) < 2:
-        return torch.zeros(num_experts - 1, u.shape[1])
-    fit = LogisticRegression(fit_intercept=False, C=1e4, max_iter=1000, random_state=seed)
-    fit.fit(u.double().numpy(), labels.numpy())
-    coef = np.zeros((num_experts, u.shape[1]))
-    if len(present) == 2 and fit.coef_.shape[0] == 1:
-        coef[present[1]] = fit.coef_[0]
-    else:
-        coef[present] = fit.coef_
-    # sklearn's softmax has no reference class: shift so that expert K has zero weights.
-    return torch.as_tensor(coef[:-1] - coef[-1])
+        fitted = gate_surrogate_for(model).from_labels(u, labels, num_experts, seed)
+        gate_params = tree_to(fitted, x.dtype)
+    return type(current)(gate=gate_params, experts=experts)

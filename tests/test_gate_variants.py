@@ -98,7 +98,7 @@ def test_temperature_only_rescales_the_gate_weights_of_a_linear_router():
             probs = temperature_gate_log_probs(weight, u, temperature).exp()
             stats = temperature_gate_statistics(weight, u, probs, resp, curvature, EPS, temperature)
             weight = solve_temperature_gate(stats, curvature, EPS, temperature)
-        exact = temperature_gate_m_step(u, resp, start * temperature, temperature)
+        exact = temperature_gate_m_step(u, resp, start * temperature, temperature).weight
         probs = temperature_gate_log_probs(weight, u, temperature).exp()
         exact_probs = temperature_gate_log_probs(exact, u, temperature).exp()
         gates.append((probs, exact_probs))
@@ -159,7 +159,9 @@ def test_hierarchical_mm_descends_to_the_exact_em_m_step():
     resp = _soft_labels(generator, 200, GROUPS * SIZE)
     outer_c, inner_c = softmax_curvature(GROUPS - 1), softmax_curvature(SIZE - 1)
     params = _random_hierarchical(generator, scale=0.1)
-    exact = hierarchical_gate_m_step(u, resp, params, tol=1e-12)
+    fit = hierarchical_gate_m_step(u, resp, params, tol=1e-12)
+    assert fit.converged
+    exact = fit.weight
     losses = []
     for _ in range(400):
         losses.append(_cross_entropy(hierarchical_gate_log_probs(params, u), resp).item())

@@ -6,7 +6,8 @@ and minimises ``Q(theta | theta_t) = -avg_n sum_k tau_nk log[g_k(x_n; W) e_k(y_n
 
 * the gate: a soft-label multinomial logistic regression with targets ``tau``, solved exactly by
   Newton's method with a line search to a gradient tolerance
-  (:func:`~pyro_mm.surrogates.exact_gate.exact_gate_m_step`);
+  (:func:`~pyro_mm.surrogates.exact_gate.exact_gate_m_step`; for another gate, its block's
+  ``exact_m_step``: e.g. one such regression per level of a hierarchical gate);
 * the experts: the family's exact M-step ``exact_m_step`` (weighted least squares for Gaussian
   experts, weighted softmax regressions for multinomial ones).
 
@@ -22,7 +23,6 @@ import torch
 
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams
-from ..surrogates.exact_gate import exact_gate_m_step
 from .em_like import EMLikeInference, gate_solver_options, positive_integer, positive_number
 from .history import FitHistory
 from .incremental_mm import IncrementalMM
@@ -104,7 +104,7 @@ class EM(EMLikeInference):
         :rtype: float
         """
         x, y, u, r, _, resp, loss = self._prepare(x, y)
-        gate_fit = exact_gate_m_step(u, resp, self.params.gate, **self.gate_options)
+        gate_fit = self.gate_surrogate.exact_m_step(u, resp, self.params.gate, **self.gate_options)
         experts, report = self.expert_surrogate.exact_m_step(self.params.experts, r, y, resp)
         self._commit(MoEParams(gate=gate_fit.weight, experts=experts), x.shape[0], report, gate_fit)
         self.last_gate_fit = gate_fit

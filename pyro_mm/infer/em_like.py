@@ -9,7 +9,7 @@ from ..init import check_init, initial_params
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_leaves, tree_to
 from ..surrogates.mixture import e_step
-from ..surrogates.registry import expert_surrogate_for
+from ..surrogates.registry import expert_surrogate_for, gate_surrogate_for
 from .batches import iterate_batches
 from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
@@ -19,6 +19,7 @@ from .state import (
     load_schedule_state,
     load_tree_state,
     schedule_state,
+    stored_options,
     tree_state,
 )
 
@@ -46,7 +47,8 @@ def positive_integer(name: str, value) -> int:
 
 
 def gate_solver_options(gate_ridge, gate_tol, gate_max_iter) -> dict:
-    """Validated keyword arguments of :func:`~pyro_mm.surrogates.exact_gate.exact_gate_m_step`."""
+    """Validated keyword arguments of a gate block's ``exact_m_step`` (e.g.
+    :func:`~pyro_mm.surrogates.exact_gate.exact_gate_m_step`)."""
     if (
         isinstance(gate_ridge, bool)
         or not isinstance(gate_ridge, (int, float))
@@ -106,6 +108,8 @@ class EMLikeInference:
         self.expert_surrogate = expert_surrogate_for(
             model, ridge=ridge, variance_floor=variance_floor
         )
+        #: the gate block of the model's gate (exact M-step, log-probabilities).
+        self.gate_surrogate = gate_surrogate_for(model)
         self.model = model.to(dtype)
         self.init = init
         self.seed = seed
@@ -146,6 +150,7 @@ class EMLikeInference:
         options = {
             "model": type(self.model).__name__,
             "num_experts": self.model.num_experts,
+            "gate": repr(self.model.gate),
             "ridge": self.ridge,
             "variance_floor": self.variance_floor,
             "dtype": str(self.dtype),
@@ -177,7 +182,7 @@ class EMLikeInference:
         :raises ValueError: when the state was made with other options or parameter shapes;
             nothing is changed then.
         """
-        check_matching_options(self.name, state["options"], self._options())
+        check_matching_options(self.name, stored_options(state), self._options())
         params = load_tree_state(state["params"])
         if params is not None:
             check_tree_shapes("params", params, tree_to(self.model.get_params(), self.dtype))
@@ -205,7 +210,9 @@ class EMLikeInference:
         if self.params is None:
             self.initialize(x, y)
         u, r = self.model.features(x)
-        gate_probs, resp, log_lik = e_step(self.expert_surrogate, self.params, u, r, y)
+        gate_probs, resp, log_lik = e_step(
+            self.expert_surrogate, self.params, u, r, y, self.gate_surrogate
+        )
         loss = -log_lik.mean()
         if not torch.isfinite(loss):
             raise ValueError(

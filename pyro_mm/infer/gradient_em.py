@@ -38,7 +38,8 @@ class GradientEM(EMLikeInference):
 
     :param MixtureOfExperts model: the model to fit; its expert parameters must be Pyro params
         named ``expert_<field>`` after the fields of its expert-parameter dataclass (true for the
-        bundled models), whose constraints define the unconstrained coordinates.
+        bundled models), whose constraints define the unconstrained coordinates; its gate's are
+        the params its gate names (``model.gate.param_names``).
     :param float lr_gate: step size ``gamma_gate`` of the gate block (on the mean NLL scale).
     :param float lr_experts: step size ``gamma_experts`` of the expert block.
     :param int batch_size: rows per step used by :meth:`fit` on array inputs (``None``: the whole
@@ -77,7 +78,7 @@ class GradientEM(EMLikeInference):
             seed=seed,
             dtype=dtype,
         )
-        self._gate_transform, self._expert_transforms = _unconstraining_transforms(self.model)
+        self._gate_transforms, self._expert_transforms = _unconstraining_transforms(self.model)
 
     def step(self, x, y) -> float:
         """One gradient-EM step on the batch given.
@@ -90,22 +91,25 @@ class GradientEM(EMLikeInference):
         x, y, u, r, _, resp, loss = self._prepare(x, y)
         gate, experts = self._unconstrained(self.params)
         expert_leaves = [getattr(experts, name) for name in self._expert_transforms]
+        num_gate = len(gate)
         with torch.enable_grad():
-            for leaf in [gate] + expert_leaves:
+            for leaf in gate + expert_leaves:
                 leaf.requires_grad_(True)
             log_joint = self.model.log_joint_from_features(
                 self._constrained(gate, experts), u, r, y
             )
             objective = -(resp * log_joint).sum(-1).mean()
-            gradients = torch.autograd.grad(objective, [gate] + expert_leaves)
+            gradients = torch.autograd.grad(objective, gate + expert_leaves)
         with torch.no_grad():
-            gate = gate - self.lr_gate * gradients[0]
+            gate = [
+                leaf - self.lr_gate * gradient for leaf, gradient in zip(gate, gradients[:num_gate])
+            ]
             experts = dataclasses.replace(
                 experts,
                 **{
                     name: leaf - self.lr_experts * gradient
                     for name, leaf, gradient in zip(
-                        self._expert_transforms, expert_leaves, gradients[1:]
+                        self._expert_transforms, expert_leaves, gradients[num_gate:]
                     )
                 },
             )
@@ -130,7 +134,8 @@ class GradientEM(EMLikeInference):
 
     # --------------------------------------------------------------------------- internals
     def _unconstrained(self, params: MoEParams):
-        """``(gate, experts)`` in unconstrained coordinates, detached copies."""
+        """``(gate leaves, experts)`` in unconstrained coordinates, detached copies (the gate as
+        the list of its param tensors)."""
         experts = dataclasses.replace(
             params.experts,
             **{
@@ -138,11 +143,17 @@ class GradientEM(EMLikeInference):
                 for name, transform in self._expert_transforms.items()
             },
         )
-        return self._gate_transform.inv(params.gate).detach().clone(), experts
+        gate = [
+            transform.inv(leaf).detach().clone()
+            for transform, leaf in zip(self._gate_transforms, self.model.gate.leaves(params.gate))
+        ]
+        return gate, experts
 
-    def _constrained(self, gate, experts) -> MoEParams:
+    def _constrained(self, gate: list, experts) -> MoEParams:
         return MoEParams(
-            gate=self._gate_transform(gate),
+            gate=self.model.gate.from_leaves(
+                [transform(leaf) for transform, leaf in zip(self._gate_transforms, gate)]
+            ),
             experts=dataclasses.replace(
                 experts,
                 **{
@@ -155,15 +166,17 @@ class GradientEM(EMLikeInference):
 
 def _unconstraining_transforms(model: MixtureOfExperts):
     """The bijections from unconstrained space to each parameter's support, from the model's
-    Pyro params: ``gate_weight`` for the gate and ``expert_<field>`` for each expert field."""
+    Pyro params: the gate's (``model.gate.param_names``, in order) and ``expert_<field>`` for
+    each expert field."""
     constraints = {name: spec[0] for name, spec in model._pyro_params.items()}
     expert_fields = [f.name for f in dataclasses.fields(model.get_expert_params())]
-    wanted = ["gate_weight"] + [f"expert_{name}" for name in expert_fields]
+    gate_names = list(model.gate.param_names)
+    wanted = gate_names + [f"expert_{name}" for name in expert_fields]
     missing = [name for name in wanted if name not in constraints]
     if missing:
         raise TypeError(
-            f"GradientEM needs the Pyro params gate_weight and expert_<field> for every expert "
-            f"field; {type(model).__name__} lacks {missing}"
+            f"GradientEM needs the gate's Pyro params {gate_names} and expert_<field> for every "
+            f"expert field; {type(model).__name__} lacks {missing}"
         )
     experts = {name: transform_to(constraints[f"expert_{name}"]) for name in expert_fields}
-    return transform_to(constraints["gate_weight"]), experts
+    return [transform_to(constraints[name]) for name in gate_names], experts

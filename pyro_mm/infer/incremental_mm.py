@@ -9,8 +9,7 @@ from ..init import check_init, initial_params
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_leaves, tree_map, tree_to
 from ..surrogates.mixture import mixture_statistics, solve_mixture
-from ..surrogates.registry import expert_surrogate_for, fused_statistics_for
-from ..surrogates.softmax_bound import softmax_curvature
+from ..surrogates.registry import expert_surrogate_for, fused_statistics_for, gate_surrogate_for
 from .batches import iterate_batches
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
 from .fit_loop import count_batches, fit_loop
@@ -22,6 +21,7 @@ from .state import (
     load_schedule_state,
     load_tree_state,
     schedule_state,
+    stored_options,
     tree_state,
 )
 
@@ -81,7 +81,9 @@ class IncrementalMM:
     :param schedule: step sizes ``n -> gamma_n``; default :class:`PowerDecay` ``(1.0, 0.6)``.
     :param int polyak_start: start averaging the iterates at this step (``None``: no averaging).
     :param str gate_bound: curvature bound of the softmax, ``"bohning"`` or ``"paper"``, or for
-        two experts the per-sample ``"jaakkola-jordan"`` (see ``benchmarks/bounds.py``).
+        two experts the per-sample ``"jaakkola-jordan"`` (see ``benchmarks/bounds.py``). The
+        gate block of the model's gate (:func:`~pyro_mm.surrogates.registry.gate_surrogate_for`)
+        applies it (a hierarchical gate to each of its levels).
     :param float gate_eps: the ``eps* I`` added to the gate curvature (keeps it definite).
     :param float ridge: ridge on the expert coefficients (relative to each expert's mass).
     :param float variance_floor: smallest expert variance (a collapsing variance is floored).
@@ -102,7 +104,8 @@ class IncrementalMM:
     :param penalty: a :class:`~pyro_mm.surrogates.penalties.CoefficientPenalty` (lasso/ridge)
         on the expert coefficients, passed to the expert block (MAP inside MM).
     :param gate_penalty: a :class:`~pyro_mm.surrogates.penalties.CoefficientPenalty` on the
-        gate weights, inside the gate's quadratic-bound solve.
+        gate weights, inside the gate's quadratic-bound solve (gates whose block has
+        ``supports_penalty``: the softmax gate).
     :param variance_prior: an :class:`~pyro_mm.surrogates.penalties.InverseGammaPrior` on the
         expert variances, passed to the expert block.
     :param stability: a :class:`~pyro_mm.infer.stability.StatisticsTruncation` keeping the
@@ -158,7 +161,13 @@ class IncrementalMM:
         self.variance_floor = float(variance_floor)
         self.on_bad_batch = on_bad_batch
         self.process_group = resolve_process_group(process_group)
-        self.curvature = softmax_curvature(model.num_experts - 1, gate_bound, dtype)
+        self.gate_surrogate = gate_surrogate_for(model)
+        if gate_penalty is not None and not self.gate_surrogate.supports_penalty:
+            raise ValueError(
+                f"gate_penalty is not available for the model's gate {model.gate!r}: its block "
+                f"{type(self.gate_surrogate).__name__} has no penalised solve"
+            )
+        self.curvature = self.gate_surrogate.curvature(model.num_experts, gate_bound, dtype)
         penalties = {"penalty": penalty, "variance_prior": variance_prior}
         self.expert_surrogate = expert_surrogate_for(
             model,
@@ -166,7 +175,9 @@ class IncrementalMM:
             variance_floor=variance_floor,
             **{name: value for name, value in penalties.items() if value is not None},
         )
-        self._fused_statistics = fused_statistics_for(model, self.expert_surrogate)
+        self._fused_statistics = fused_statistics_for(
+            model, self.expert_surrogate, self.gate_surrogate
+        )
         self.gate_penalty, self.stability, self.stability_state = gate_penalty, stability, None
         self._penalties = repr((penalty, gate_penalty, variance_prior, stability))
         #: current iterate ``theta_n`` (``None`` before initialisation).
@@ -270,7 +281,13 @@ class IncrementalMM:
             stats, stability_state = self.stability.project(stats, stability_state)
         _check_finite_statistics(stats)
         new_params, report = solve_mixture(
-            stats, params, self.expert_surrogate, self.curvature, self.gate_eps, self.gate_penalty
+            stats,
+            params,
+            self.expert_surrogate,
+            self.curvature,
+            self.gate_eps,
+            self.gate_penalty,
+            self.gate_surrogate,
         )
         if not _all_finite(tree_leaves(new_params)):
             raise FloatingPointError(
@@ -325,13 +342,21 @@ class IncrementalMM:
             return self._fused_statistics(params, design, self.curvature, self.gate_eps)
         u, r = self.model.features(x)
         return mixture_statistics(
-            self.expert_surrogate, params, u, r, y, self.curvature, self.gate_eps
+            self.expert_surrogate,
+            params,
+            u,
+            r,
+            y,
+            self.curvature,
+            self.gate_eps,
+            self.gate_surrogate,
         )
 
     def _warn_if_ill_conditioned(self, stats) -> None:
         """Warns when the gate features' Gram matrix is too ill-conditioned for ``dtype``: the
         solves then lose ``log10(condition number)`` of the dtype's significant digits."""
-        condition = float(torch.linalg.cond(stats.gate.gram.double()))
+        gram = self.gate_surrogate.feature_gram(stats.gate)
+        condition = float(torch.linalg.cond(gram.double()))
         if not condition * torch.finfo(self.dtype).eps < 1e-2:
             digits = -math.log10(torch.finfo(self.dtype).eps)
             warnings.warn(
@@ -399,6 +424,7 @@ class IncrementalMM:
         return {
             "model": type(self.model).__name__,
             "num_experts": self.model.num_experts,
+            "gate": repr(self.model.gate),
             "gate_bound": self.gate_bound,
             "gate_eps": self.gate_eps,
             "ridge": self.ridge,
@@ -438,7 +464,7 @@ class IncrementalMM:
         :raises ValueError: when the state was made with other options (bound, ``gate_eps``,
             ridge, floor, dtype, number of experts) or parameter shapes; nothing is changed then.
         """
-        check_matching_options("IncrementalMM", state["options"], self._options())
+        check_matching_options("IncrementalMM", stored_options(state), self._options())
         params = load_tree_state(state["params"])
         averaged = load_tree_state(state["averaged_params"])
         stats = load_tree_state(state["statistics"])
@@ -450,7 +476,12 @@ class IncrementalMM:
             check_tree_shapes("averaged_params", averaged, expected)
         if stats is not None:
             solved, _ = solve_mixture(
-                stats, params, self.expert_surrogate, self.curvature, self.gate_eps
+                stats,
+                params,
+                self.expert_surrogate,
+                self.curvature,
+                self.gate_eps,
+                gate_surrogate=self.gate_surrogate,
             )
             check_tree_shapes("the parameters solved from the statistics", solved, expected)
         schedule = load_schedule_state(self.schedule, state["schedule"])

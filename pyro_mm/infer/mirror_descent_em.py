@@ -14,6 +14,11 @@ with ``K(theta_t, theta) = avg_n KL(p_{theta_t}(y, z | x_n) || p_theta(y, z | x_
 * **gate** (exact, no projection needed): ``grad A(W) = avg_n g(x_n; W) u_n^T``, so the step is the
   soft-label softmax regression with targets ``(1 - eta) g(x; W_t) + eta tau``, solved by Newton
   to a gradient tolerance: ``avg g(x; W_{t+1}) u^T = (1 - eta) avg g(x; W_t) u^T + eta avg tau u^T``.
+  The same targets serve every gate (:mod:`pyro_mm.models.gates`): the gate's part of
+  ``K(theta_t, theta)`` is ``-avg_n sum_k g_k(x_n; W_t) log g_k(x_n; W)`` up to a constant, so the
+  step is that gate's exact M-step (its block's ``exact_m_step``) with the mixed targets, and
+  stays monotone. For the hierarchical gate, whose log-probabilities are not linear in its
+  weights, this is the proximal (KL-regularised) form of the step, not a mean-parameter identity.
 * **experts** (exact for Gaussian experts, whose statistics are the complete-data sufficient
   statistics; one MM step for families with bound statistics): the expert step solves the mixed
   statistics ``(1 - eta) m(theta_t) + eta S(theta_t)``, where ``m`` are
@@ -46,7 +51,6 @@ import torch
 
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_map
-from ..surrogates.exact_gate import exact_gate_m_step
 from .em_like import EMLikeInference, gate_solver_options, positive_integer
 from .history import FitHistory
 from .schedules import ConstantStep
@@ -154,11 +158,8 @@ class MirrorDescentEM(EMLikeInference):
             )
         x, y, u, r, gate_probs, resp, loss = self._prepare(x, y)
         experts_t = self.params.experts
-        gate_fit = exact_gate_m_step(
-            u,
-            (1.0 - eta) * gate_probs + eta * resp,
-            self.params.gate,
-            **self.gate_options,
+        gate_fit = self.gate_surrogate.exact_m_step(
+            u, (1.0 - eta) * gate_probs + eta * resp, self.params.gate, **self.gate_options
         )
         stats = tree_map(
             lambda mean, observed: (1.0 - eta) * mean + eta * observed,

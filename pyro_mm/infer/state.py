@@ -20,6 +20,7 @@ __all__ = [
     "schedule_state",
     "load_schedule_state",
     "check_matching_options",
+    "stored_options",
     "check_tree_shapes",
     "qualified_name",
 ]
@@ -161,6 +162,14 @@ def load_schedule_state(current, state):
     if type(current) is cls and vars(current) == state["params"]:
         return current
     return cls(**state["params"])
+
+
+def stored_options(state: dict) -> dict:
+    """The options a state was saved with; a state saved before models had a ``gate`` option
+    was made with the default softmax gate."""
+    from ..models.gates import SoftmaxGate
+
+    return {"gate": repr(SoftmaxGate()), **state["options"]}
 
 
 def check_matching_options(owner: str, stored: dict, current: dict) -> None:

@@ -3,6 +3,8 @@
 from .base import MixtureOfExperts
 from .features import CallableFeatures, PolynomialFeatures
 from .full_covariance_gaussian_moe import FullCovarianceExpertParams, FullCovarianceGaussianMoE
+from .gate_variants import HierarchicalGateParams
+from .gates import Gate, HierarchicalGate, SoftmaxGate, TemperatureGate
 from .gaussian_moe import GaussianMoE
 from .multinomial_moe import MultinomialMoE
 from .params import GaussianExpertParams, MoEParams, MultinomialExpertParams
@@ -14,10 +16,15 @@ __all__ = [
     "FullCovarianceGaussianMoE",
     "GaussianExpertParams",
     "GaussianMoE",
+    "Gate",
+    "HierarchicalGate",
+    "HierarchicalGateParams",
     "MixtureOfExperts",
     "MoEParams",
     "MoEPriors",
     "MultinomialExpertParams",
     "MultinomialMoE",
     "PolynomialFeatures",
+    "SoftmaxGate",
+    "TemperatureGate",
 ]

@@ -11,7 +11,7 @@ from torch.distributions import transform_to
 
 from ..validation import check_features
 from .features import as_feature_map
-from .gating import gate_log_probs
+from .gates import check_gate
 from .params import MoEParams
 from .priors import check_prior_spec, prior_distributions
 
@@ -36,9 +36,16 @@ class MixtureOfExperts(PyroModule):
     :param int in_features: number of input columns ``P``.
     :param gate_degree: polynomial degree of the gate, or a feature map.
     :param expert_degree: polynomial degree of the expert regressors, or a feature map.
+    :param gate: the gate (:mod:`pyro_mm.models.gates`): ``None`` or
+        :class:`~pyro_mm.models.gates.SoftmaxGate` (the one-level softmax above, param
+        ``gate_weight``), a :class:`~pyro_mm.models.gates.TemperatureGate` or a
+        :class:`~pyro_mm.models.gates.HierarchicalGate` (params ``gate_outer``, ``gate_inner``).
+    :raises ValueError: for a gate that cannot serve ``num_experts`` experts.
     """
 
-    def __init__(self, num_experts: int, in_features: int, gate_degree=1, expert_degree=1):
+    def __init__(
+        self, num_experts: int, in_features: int, gate_degree=1, expert_degree=1, gate=None
+    ):
         if isinstance(num_experts, bool) or int(num_experts) != num_experts or num_experts < 1:
             raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
         if isinstance(in_features, bool) or int(in_features) != in_features or in_features < 1:
@@ -48,9 +55,12 @@ class MixtureOfExperts(PyroModule):
         self.in_features = int(in_features)
         self.gate_features = as_feature_map(gate_degree, self.in_features)
         self.expert_features = as_feature_map(expert_degree, self.in_features)
-        self.gate_weight = PyroParam(
-            torch.zeros(self.num_experts - 1, self.gate_features.num_features)
-        )
+        #: the gate (a :class:`~pyro_mm.models.gates.Gate`).
+        self.gate = check_gate(gate, self.num_experts)
+        shapes = self.gate.param_shapes(self.num_experts, self.gate_features.num_features)
+        for name, shape in zip(self.gate.param_names, shapes):
+            setattr(self, name, PyroParam(torch.zeros(shape)))
+        self._dtype_source = self.gate.param_names[0] + "_unconstrained"
         #: ``True`` once an inference class has written fitted parameters.
         self.fitted = False
         self._priors = None
@@ -59,7 +69,7 @@ class MixtureOfExperts(PyroModule):
     @property
     def dtype(self) -> torch.dtype:
         """The floating dtype of the parameters; inputs are cast to it."""
-        return self.gate_weight_unconstrained.dtype
+        return getattr(self, self._dtype_source).dtype
 
     def check_x(self, x) -> torch.Tensor:
         """Validates ``x`` (shape, dtype, finiteness) and casts it to the model's dtype."""
@@ -95,14 +105,13 @@ class MixtureOfExperts(PyroModule):
     def get_params(self) -> MoEParams:
         """A detached copy of the current parameters as plain data."""
         with torch.no_grad():
-            return MoEParams(
-                gate=self.gate_weight.detach().clone(), experts=self.get_expert_params()
-            )
+            return MoEParams(gate=self._gate_params(clone=True), experts=self.get_expert_params())
 
     def set_params(self, params: MoEParams) -> None:
         """Writes parameters into the module (and so into Pyro's param store) in place."""
         with torch.no_grad():
-            self._write_param("gate_weight", params.gate)
+            for name, value in zip(self.gate.param_names, self.gate.leaves(params.gate)):
+                self._write_param(name, value)
             self.set_expert_params(params.experts)
         if not self.fitted:
             # PyroModule.__setattr__ is slow; this runs after every streaming step.
@@ -201,6 +210,25 @@ class MixtureOfExperts(PyroModule):
         """``log e_k(y | x)`` for every expert, shape ``(N, K)``."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------------------ gate
+    def _gate_params(self, clone: bool = False):
+        """The gate's parameters read from its Pyro params (detached copies with ``clone``)."""
+        leaves = [getattr(self, name) for name in self.gate.param_names]
+        if clone:
+            leaves = [leaf.detach().clone() for leaf in leaves]
+        return self.gate.from_leaves(leaves)
+
+    def gate_logits(self, gate_features: torch.Tensor) -> torch.Tensor:
+        """Gate logits ``(N, K)`` at the module's parameters, read as Pyro params (so that
+        priors lift them and traces record them): what :meth:`observation_distribution` mixes
+        with."""
+        return self.gate.logits(self._gate_params(), gate_features)
+
+    def gate_log_probs(self, gate_params, gate_features: torch.Tensor) -> torch.Tensor:
+        """``log g_k(x)``, shape ``(N, K)``, at the gate parameters ``gate_params``
+        (``MoEParams.gate``)."""
+        return self.gate.log_probs(gate_params, gate_features)
+
     # ------------------------------------------------------------------------ Pyro model
     def observation_distribution(self, gate_features, expert_features):
         """The distribution of ``y`` given the regressors, batched over rows (a Pyro
@@ -226,7 +254,7 @@ class MixtureOfExperts(PyroModule):
     # ------------------------------------------------------------------------- densities
     def log_joint_from_features(self, params: MoEParams, gate_features, expert_features, y):
         r"""``log g_k(x) + log e_k(y | x)``, shape ``(N, K)``, from precomputed regressors."""
-        return gate_log_probs(params.gate, gate_features) + self.expert_log_prob(
+        return self.gate.log_probs(params.gate, gate_features) + self.expert_log_prob(
             params.experts, expert_features, y
         )
 
@@ -254,4 +282,4 @@ class MixtureOfExperts(PyroModule):
         """Gate probabilities ``g_k(x)``, shape ``(N, K)``."""
         x = self.check_x(x)
         params = self.get_params() if params is None else params
-        return gate_log_probs(params.gate, self.gate_features(x)).exp()
+        return self.gate.log_probs(params.gate, self.gate_features(x)).exp()

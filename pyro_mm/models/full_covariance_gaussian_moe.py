@@ -9,7 +9,6 @@ from pyro.nn import PyroParam
 from torch.distributions import constraints
 
 from .base import MixtureOfExperts
-from .gating import gate_logits
 from .gaussian_moe import GaussianMoE, gaussian_expert_means
 from .params import MoEParams
 
@@ -71,6 +70,7 @@ class FullCovarianceGaussianMoE(MixtureOfExperts):
     :param expert_degree: polynomial degree of the expert means (or a feature map).
     :param int seed: seed of the random initial expert weights.
     :param priors: priors on the parameters for SVI (see :class:`~pyro_mm.models.GaussianMoE`).
+    :param gate: ``None`` (softmax) or a gate of :mod:`pyro_mm.models.gates`.
     """
 
     #: the covariance of each expert's noise (``GaussianMoE``'s is ``"diagonal"``).
@@ -85,8 +85,10 @@ class FullCovarianceGaussianMoE(MixtureOfExperts):
         expert_degree=1,
         seed: int = 0,
         priors=None,
+        *,
+        gate=None,
     ):
-        super().__init__(num_experts, in_features, gate_degree, expert_degree)
+        super().__init__(num_experts, in_features, gate_degree, expert_degree, gate)
         GaussianMoE._init_expert_weight(self, out_features, seed)
         eye = torch.eye(self.out_features).expand(self.num_experts, -1, -1).clone()
         self.expert_covariance = PyroParam(eye, constraint=constraints.positive_definite)
@@ -118,7 +120,7 @@ class FullCovarianceGaussianMoE(MixtureOfExperts):
         x = self.check_x(x)
         params = self.get_params() if params is None else params
         u, r = self.features(x)
-        gate = torch.softmax(gate_logits(params.gate, u), dim=-1)
+        gate = torch.softmax(self.gate.logits(params.gate, u), dim=-1)
         z = torch.multinomial(gate, 1, generator=generator).squeeze(-1)
         rows = torch.arange(x.shape[0])
         means = gaussian_expert_means(params.experts.weight, r)[rows, z]
@@ -129,7 +131,7 @@ class FullCovarianceGaussianMoE(MixtureOfExperts):
     def observation_distribution(self, gate_features, expert_features):
         """``MixtureSameFamily(Categorical(g(x)), MVN(mu(x), Sigma))`` per row."""
         # The gate first: Pyro sites (and so guides and Laplace coordinates) follow access order.
-        logits = gate_logits(self.gate_weight, gate_features)
+        logits = self.gate_logits(gate_features)
         means = gaussian_expert_means(self.expert_weight, expert_features)
         covariance = self.expert_covariance.expand(
             means.shape[:-1] + self.expert_covariance.shape[-2:]

@@ -9,7 +9,7 @@ from torch.distributions import constraints
 
 from ..validation import as_tensor, check_finite
 from .base import MixtureOfExperts
-from .gating import gate_logits
+from .gates import SoftmaxGate
 from .params import GaussianExpertParams, MoEParams
 
 __all__ = ["COVARIANCES", "GaussianMoE", "gaussian_expert_means", "gaussian_expert_log_prob"]
@@ -81,7 +81,12 @@ class GaussianMoE(MixtureOfExperts):
         Pyro model, for SVI with an autoguide (see :meth:`set_priors`).
     :param str covariance: ``"diagonal"`` (default: ``diag(sigma_k^2)``, this class) or
         ``"full"`` (``Sigma_k``: a :class:`~pyro_mm.models.FullCovarianceGaussianMoE`).
-    :raises ValueError: for a ``covariance`` other than those of :data:`COVARIANCES`.
+    :param gate: ``None`` (the softmax gate above) or a gate of :mod:`pyro_mm.models.gates`,
+        e.g. ``TemperatureGate(temperature=0.5)`` or ``HierarchicalGate(num_groups=2,
+        group_size=3)`` (then ``num_experts`` must be 6); every inference class fits it
+        through its gate block (:func:`~pyro_mm.surrogates.registry.gate_surrogate_for`).
+    :raises ValueError: for a ``covariance`` other than those of :data:`COVARIANCES`, or a
+        gate that does not fit ``num_experts``.
     """
 
     #: the covariance of each expert's noise: ``"diagonal"`` here, ``"full"`` for
@@ -109,13 +114,14 @@ class GaussianMoE(MixtureOfExperts):
         priors=None,
         *,
         covariance: str = "diagonal",
+        gate=None,
     ):
         if covariance != self.covariance:
             raise ValueError(
                 f"{type(self).__name__} has {self.covariance} covariances, got "
                 f"covariance={covariance!r}; use GaussianMoE(..., covariance={covariance!r})"
             )
-        super().__init__(num_experts, in_features, gate_degree, expert_degree)
+        super().__init__(num_experts, in_features, gate_degree, expert_degree, gate)
         self._init_expert_weight(out_features, seed)
         self.expert_variance = PyroParam(
             torch.ones(self.num_experts, self.out_features), constraint=constraints.positive
@@ -123,9 +129,11 @@ class GaussianMoE(MixtureOfExperts):
         self.set_priors(priors)
 
     def extra_repr(self) -> str:
+        # The default gate is left out, as keyword defaults are.
+        gate = "" if self.gate == SoftmaxGate() else f", gate={self.gate!r}"
         return (
             f"num_experts={self.num_experts}, in_features={self.in_features}, "
-            f"out_features={self.out_features}, covariance={self.covariance!r}"
+            f"out_features={self.out_features}, covariance={self.covariance!r}{gate}"
         )
 
     def _init_expert_weight(self, out_features: int, seed: int) -> None:
@@ -170,7 +178,7 @@ class GaussianMoE(MixtureOfExperts):
         x = self.check_x(x)
         params = self.get_params() if params is None else params
         u, r = self.features(x)
-        gate = torch.softmax(gate_logits(params.gate, u), dim=-1)
+        gate = torch.softmax(self.gate.logits(params.gate, u), dim=-1)
         return (gate.unsqueeze(-1) * gaussian_expert_means(params.experts.weight, r)).sum(-2)
 
     def sample(self, x, params: MoEParams = None, generator: torch.Generator = None):
@@ -181,7 +189,7 @@ class GaussianMoE(MixtureOfExperts):
         x = self.check_x(x)
         params = self.get_params() if params is None else params
         u, r = self.features(x)
-        gate = torch.softmax(gate_logits(params.gate, u), dim=-1)
+        gate = torch.softmax(self.gate.logits(params.gate, u), dim=-1)
         z = torch.multinomial(gate, 1, generator=generator).squeeze(-1)
         means = gaussian_expert_means(params.experts.weight, r)
         rows = torch.arange(x.shape[0])
@@ -191,7 +199,7 @@ class GaussianMoE(MixtureOfExperts):
     def observation_distribution(self, gate_features, expert_features):
         """``MixtureSameFamily(Categorical(g(x)), Normal(mu(x), sigma))`` per row."""
         # The gate first: Pyro sites (and so guides and Laplace coordinates) follow access order.
-        logits = gate_logits(self.gate_weight, gate_features)
+        logits = self.gate_logits(gate_features)
         means = gaussian_expert_means(self.expert_weight, expert_features)
         scale = self.expert_variance.sqrt().expand(means.shape)
         return dist.MixtureSameFamily(

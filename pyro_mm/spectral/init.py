@@ -28,6 +28,7 @@ import math
 import torch
 
 from ..models.features import PolynomialFeatures
+from ..models.gates import SoftmaxGate
 from ..models.gaussian_moe import GaussianMoE
 from ..models.params import GaussianExpertParams, MoEParams
 from .experts import spectral_experts
@@ -73,6 +74,11 @@ def spectral_init(
     """
     if not isinstance(model, GaussianMoE):
         raise TypeError(f"spectral_init needs a GaussianMoE, got {type(model).__name__}")
+    if model.gate != SoftmaxGate():
+        raise ValueError(
+            f"spectral_init estimates the one-level softmax gate; the model's gate is "
+            f"{model.gate!r} (use init='kmeans' or 'kmeans-logistic')"
+        )
     features = model.expert_features
     if not (isinstance(features, PolynomialFeatures) and features.degree == 1):
         raise ValueError(

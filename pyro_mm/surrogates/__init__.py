@@ -1,6 +1,17 @@
 """MM surrogate blocks: per block, pure functions ``statistics`` and ``solve``."""
 
-from .gate import GateStatistics, gate_statistics, gate_surrogate_value, solve_gate
+from .gate import (
+    GateStatistics,
+    SoftmaxGateSurrogate,
+    gate_statistics,
+    gate_surrogate_value,
+    solve_gate,
+)
+from .gate_variants import (
+    HierarchicalGateStatistics,
+    HierarchicalGateSurrogate,
+    TemperatureGateSurrogate,
+)
 from .gaussian_expert import (
     GaussianExpertStatistics,
     GaussianExpertSurrogate,
@@ -17,7 +28,12 @@ from .multinomial_expert import (
     solve_multinomial_experts,
 )
 from .penalties import CoefficientPenalty, InverseGammaPrior
-from .registry import expert_surrogate_for, register_expert_surrogate
+from .registry import (
+    expert_surrogate_for,
+    gate_surrogate_for,
+    register_expert_surrogate,
+    register_gate_surrogate,
+)
 from .report import SolveReport
 from .softmax_bound import (
     GATE_BOUNDS,
@@ -41,16 +57,21 @@ __all__ = [
     "InverseGammaPrior",
     "GaussianExpertStatistics",
     "GaussianExpertSurrogate",
+    "HierarchicalGateStatistics",
+    "HierarchicalGateSurrogate",
     "MoEStatistics",
     "MultinomialExpertStatistics",
     "MultinomialExpertSurrogate",
     "SOFTMAX_BOUNDS",
+    "SoftmaxGateSurrogate",
     "SoftmaxRegressionResult",
     "SolveReport",
+    "TemperatureGateSurrogate",
     "e_step",
     "expert_surrogate_for",
     "fit_softmax_regression",
     "gate_statistics",
+    "gate_surrogate_for",
     "gate_surrogate_value",
     "gaussian_expert_statistics",
     "gaussian_expert_surrogate_value",
@@ -59,6 +80,7 @@ __all__ = [
     "multinomial_expert_statistics",
     "multinomial_expert_surrogate_value",
     "register_expert_surrogate",
+    "register_gate_surrogate",
     "softmax_curvature",
     "softmax_regression_loss",
     "solve_gate",

@@ -6,21 +6,36 @@ the surrogate is ``1/2 omega^T B omega - omega^T (B omega_n + xi - grad)``, an e
 function of ``omega`` with statistics ``(avg(B omega_n + xi - grad), avg B)``. Since
 ``avg B = C (x) avg(u u^T) + eps I``, the statistics kept are the ``(K-1, D_g)`` linear term and the
 ``(D_g, D_g)`` Gram matrix of the gate features: no ``(K-1) D_g``-square matrix is ever formed.
+
+:class:`SoftmaxGateSurrogate` bundles these functions with the exact EM M-step
+(:mod:`~pyro_mm.surrogates.exact_gate`) as the gate block of the one-level
+:class:`~pyro_mm.models.gates.SoftmaxGate`, the interface every gate block shares (see
+:func:`~pyro_mm.surrogates.registry.gate_surrogate_for`).
 """
 
 import dataclasses
 
 import torch
 
+from ..models.gates import SoftmaxGate
+from ..models.gating import gate_log_probs
+from .exact_gate import exact_gate_m_step, logistic_gate_weight
 from .penalties import CoefficientPenalty
 from .softmax_bound import (
     JaakkolaJordanBound,
     kronecker_left,
     kronecker_quadratic_value,
+    softmax_curvature,
     solve_kronecker,
 )
 
-__all__ = ["GateStatistics", "gate_statistics", "solve_gate", "gate_surrogate_value"]
+__all__ = [
+    "GateStatistics",
+    "SoftmaxGateSurrogate",
+    "gate_statistics",
+    "solve_gate",
+    "gate_surrogate_value",
+]
 
 #: Largest number of gate weights ``(K - 1) D_g`` solved densely (see :func:`solve_gate`).
 _DENSE_SIZE = 64
@@ -132,3 +147,62 @@ def gate_surrogate_value(
     return kronecker_quadratic_value(
         kronecker_left(curvature), stats.gram, eps, stats.linear, gate_weight
     )
+
+
+class SoftmaxGateSurrogate:
+    """The MM block and the exact EM M-step of the one-level softmax gate.
+
+    Every gate block has these methods; inference code calls them without knowing the gate's
+    kind. ``curvature`` is whatever :meth:`curvature` returned (here the ``(K - 1, K - 1)`` bound
+    ``C`` or a :class:`~pyro_mm.surrogates.softmax_bound.JaakkolaJordanBound`).
+
+    :param SoftmaxGate gate: the model's gate.
+    """
+
+    #: whether :meth:`solve` takes a coefficient penalty on the gate weights.
+    supports_penalty = True
+
+    def __init__(self, gate: SoftmaxGate = None):
+        self.gate = SoftmaxGate() if gate is None else gate
+
+    def log_probs(self, params: torch.Tensor, gate_features: torch.Tensor) -> torch.Tensor:
+        """``log g_k(x)``, shape ``(N, K)``."""
+        return gate_log_probs(params, gate_features)
+
+    def curvature(self, num_experts: int, bound: str, dtype: torch.dtype):
+        """The softmax bound named ``bound`` (see
+        :func:`~pyro_mm.surrogates.softmax_bound.softmax_curvature`)."""
+        return softmax_curvature(num_experts - 1, bound, dtype)
+
+    def statistics(self, params, gate_features, gate_probs, resp, curvature, eps):
+        """Batch-averaged statistics at ``params`` (see :func:`gate_statistics`)."""
+        return gate_statistics(params, gate_features, gate_probs, resp, curvature, eps)
+
+    def solve(self, stats, previous, curvature, eps, penalty: CoefficientPenalty = None):
+        """The closed-form argmin (see :func:`solve_gate`); ``penalty`` is majorised at
+        ``previous``."""
+        return solve_gate(stats, curvature, eps, penalty, previous)
+
+    def surrogate_value(self, params, stats, curvature, eps) -> torch.Tensor:
+        """The surrogate at ``params``, up to a constant."""
+        return gate_surrogate_value(params, stats, curvature, eps)
+
+    def feature_gram(self, stats: GateStatistics) -> torch.Tensor:
+        """The ``(D_g, D_g)`` matrix whose conditioning the solves inherit."""
+        return stats.gram
+
+    def exact_m_step(self, gate_features, targets, previous, **options):
+        """``argmin -avg sum_k t_k log g_k(x)`` for soft labels ``targets`` ``(N, K)`` (the
+        EM M-step with ``targets = tau``), by Newton.
+
+        :param options: ``ridge``, ``tol``, ``max_iter`` of
+            :func:`~pyro_mm.surrogates.exact_gate.exact_gate_m_step`.
+        :returns: a :class:`~pyro_mm.surrogates.softmax_regression.SoftmaxRegressionResult`
+            whose ``weight`` is the new gate parameters.
+        """
+        return exact_gate_m_step(gate_features, targets, previous, **options)
+
+    def from_labels(self, gate_features, labels, num_experts: int, seed: int = 0):
+        """Gate parameters fitted to hard expert ``labels`` (a warm start, see
+        :func:`~pyro_mm.surrogates.exact_gate.logistic_gate_weight`)."""
+        return logistic_gate_weight(gate_features, labels, num_experts, seed)

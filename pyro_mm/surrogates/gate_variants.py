@@ -15,20 +15,33 @@ closed-form MM update and an exact (Newton) EM M-step:
   (tau_{j,i}/tau_j) log pi_{i|j}``. Each level is majorised by its own quadratic bound (the
   inner ones with the weighted Gram matrices ``avg(tau_j u u^T)``), and the blocks are
   separable, so the update solves ``J + 1`` small systems.
+
+:class:`TemperatureGateSurrogate` and :class:`HierarchicalGateSurrogate` are these functions as the
+gate blocks of :class:`~pyro_mm.models.gates.TemperatureGate` and
+:class:`~pyro_mm.models.gates.HierarchicalGate`, with the interface of
+:class:`~pyro_mm.surrogates.gate.SoftmaxGateSurrogate`.
 """
 
 import dataclasses
 
 import torch
 
-from ..models.gate_variants import HierarchicalGateParams
+from ..models.gate_variants import (
+    HierarchicalGateParams,
+    hierarchical_gate_log_probs,
+    temperature_gate_log_probs,
+)
+from ..models.gates import HierarchicalGate, TemperatureGate
 from ..models.gating import gate_log_probs
+from .exact_gate import logistic_gate_weight
 from .gate import GateStatistics, gate_statistics, gate_surrogate_value, solve_gate
-from .softmax_bound import JaakkolaJordanBound
-from .softmax_regression import fit_softmax_regression
+from .softmax_bound import SOFTMAX_BOUNDS, JaakkolaJordanBound, softmax_curvature
+from .softmax_regression import SoftmaxRegressionResult, fit_softmax_regression
 
 __all__ = [
     "HierarchicalGateStatistics",
+    "HierarchicalGateSurrogate",
+    "TemperatureGateSurrogate",
     "hierarchical_gate_statistics",
     "solve_hierarchical_gate",
     "hierarchical_gate_surrogate_value",
@@ -73,12 +86,14 @@ def temperature_gate_surrogate_value(gate_weight, stats, curvature, eps, tempera
 def temperature_gate_m_step(gate_features, resp, previous, temperature, **options):
     """The exact EM M-step of the temperature gate (Newton on ``V = omega / T``).
 
-    :param options: passed to :func:`~pyro_mm.surrogates.softmax_regression.fit_softmax_regression`.
-    :returns: the weights ``omega``.
+    :param options: passed to :func:`~pyro_mm.surrogates.softmax_regression.fit_softmax_regression`
+        (a ``ridge`` penalises ``V``, i.e. ``omega`` with ``ridge / T^2``).
+    :returns: the :class:`~pyro_mm.surrogates.softmax_regression.SoftmaxRegressionResult` with
+        ``weight`` the weights ``omega`` (its gradient norm is ``V``'s).
     """
     temperature = _check_temperature(temperature)
     fit = fit_softmax_regression(gate_features, resp, init=previous / temperature, **options)
-    return temperature * fit.weight
+    return dataclasses.replace(fit, weight=temperature * fit.weight)
 
 
 @dataclasses.dataclass
@@ -188,14 +203,140 @@ def hierarchical_gate_m_step(
     labels ``tau_j``, each inner gate with labels ``tau_{j,i}/tau_j`` and weights ``tau_j``).
 
     :param options: passed to :func:`~pyro_mm.surrogates.softmax_regression.fit_softmax_regression`.
+    :returns: a :class:`~pyro_mm.surrogates.softmax_regression.SoftmaxRegressionResult` whose
+        ``weight`` is the :class:`HierarchicalGateParams`, with the levels' total Newton
+        iterations, their largest final gradient norm, and whether every level converged.
     """
     leaf, group = _levels(previous, resp)
-    outer = fit_softmax_regression(gate_features, group, init=previous.outer, **options).weight
-    inner = []
+    fits = [fit_softmax_regression(gate_features, group, init=previous.outer, **options)]
     for j, weight in enumerate(previous.inner):
         labels = leaf[:, j] / group[:, j : j + 1].clamp_min(torch.finfo(leaf.dtype).tiny)
-        fit = fit_softmax_regression(
-            gate_features, labels, sample_weight=group[:, j], init=weight, **options
+        fits.append(
+            fit_softmax_regression(
+                gate_features, labels, sample_weight=group[:, j], init=weight, **options
+            )
         )
-        inner.append(fit.weight)
-    return HierarchicalGateParams(outer=outer, inner=torch.stack(inner))
+    return SoftmaxRegressionResult(
+        weight=HierarchicalGateParams(
+            outer=fits[0].weight, inner=torch.stack([fit.weight for fit in fits[1:]])
+        ),
+        iterations=sum(fit.iterations for fit in fits),
+        grad_norm=max(fit.grad_norm for fit in fits),
+        converged=all(fit.converged for fit in fits),
+    )
+
+
+class TemperatureGateSurrogate:
+    """The MM block and exact EM M-step of a :class:`~pyro_mm.models.gates.TemperatureGate`
+    (the interface of :class:`~pyro_mm.surrogates.gate.SoftmaxGateSurrogate`). Every bound of
+    the one-level gate applies, in the coordinates ``V = omega / T``.
+
+    :param TemperatureGate gate: the model's gate.
+    """
+
+    #: gate penalties are not implemented for this gate.
+    supports_penalty = False
+
+    def __init__(self, gate: TemperatureGate):
+        self.gate = gate
+        self.temperature = gate.temperature
+
+    def log_probs(self, params, gate_features):
+        return temperature_gate_log_probs(params, gate_features, self.temperature)
+
+    def curvature(self, num_experts, bound, dtype):
+        return softmax_curvature(num_experts - 1, bound, dtype)
+
+    def statistics(self, params, gate_features, gate_probs, resp, curvature, eps):
+        return temperature_gate_statistics(
+            params, gate_features, gate_probs, resp, curvature, eps, self.temperature
+        )
+
+    def solve(self, stats, previous, curvature, eps, penalty=None):
+        _refuse_penalty(self.gate, penalty)
+        return solve_temperature_gate(stats, curvature, eps, self.temperature)
+
+    def surrogate_value(self, params, stats, curvature, eps):
+        return temperature_gate_surrogate_value(params, stats, curvature, eps, self.temperature)
+
+    def feature_gram(self, stats):
+        return stats.gram
+
+    def exact_m_step(self, gate_features, targets, previous, **options):
+        return temperature_gate_m_step(gate_features, targets, previous, self.temperature, **options)
+
+    def from_labels(self, gate_features, labels, num_experts, seed=0):
+        # The logistic fit is in the plain gate's coordinates V = omega / T.
+        return self.temperature * logistic_gate_weight(gate_features, labels, num_experts, seed)
+
+
+class HierarchicalGateSurrogate:
+    """The MM block and exact EM M-step of a :class:`~pyro_mm.models.gates.HierarchicalGate`
+    (the interface of :class:`~pyro_mm.surrogates.gate.SoftmaxGateSurrogate`). Its curvature is
+    the pair ``(outer, inner)`` of constant bounds (``"bohning"`` or ``"paper"``).
+
+    :param HierarchicalGate gate: the model's gate.
+    """
+
+    #: gate penalties are not implemented for this gate.
+    supports_penalty = False
+
+    def __init__(self, gate: HierarchicalGate):
+        self.gate = gate
+
+    def log_probs(self, params, gate_features):
+        return hierarchical_gate_log_probs(params, gate_features)
+
+    def curvature(self, num_experts, bound, dtype):
+        self.gate.check(num_experts)
+        if bound not in SOFTMAX_BOUNDS:
+            raise ValueError(
+                f"the hierarchical gate takes a constant softmax bound, one of {SOFTMAX_BOUNDS}; "
+                f"got {bound!r}"
+            )
+        return (
+            softmax_curvature(self.gate.num_groups - 1, bound, dtype),
+            softmax_curvature(self.gate.group_size - 1, bound, dtype),
+        )
+
+    def statistics(self, params, gate_features, gate_probs, resp, curvature, eps):
+        # The levels' own probabilities enter the statistics, not the leaf probabilities.
+        return hierarchical_gate_statistics(params, gate_features, resp, *curvature, eps)
+
+    def solve(self, stats, previous, curvature, eps, penalty=None):
+        _refuse_penalty(self.gate, penalty)
+        return solve_hierarchical_gate(stats, *curvature, eps)
+
+    def surrogate_value(self, params, stats, curvature, eps):
+        return hierarchical_gate_surrogate_value(params, stats, *curvature, eps)
+
+    def feature_gram(self, stats):
+        # The outer level's Gram is the unweighted avg(u u^T); the inner ones are weighted by
+        # the group responsibilities.
+        return stats.outer.gram
+
+    def exact_m_step(self, gate_features, targets, previous, **options):
+        return hierarchical_gate_m_step(gate_features, targets, previous, **options)
+
+    def from_labels(self, gate_features, labels, num_experts, seed=0):
+        """The outer level fitted to the labels' groups, each inner level to the labels within
+        its group on the rows of that group (zeros for a group without rows)."""
+        size = self.gate.group_size
+        group = torch.div(labels, size, rounding_mode="floor")
+        inner = []
+        for j in range(self.gate.num_groups):
+            rows = group == j
+            inner.append(
+                logistic_gate_weight(gate_features[rows], labels[rows] % size, size, seed)
+            )
+        return HierarchicalGateParams(
+            outer=logistic_gate_weight(gate_features, group, self.gate.num_groups, seed),
+            inner=torch.stack(inner),
+        )
+
+
+def _refuse_penalty(gate, penalty) -> None:
+    if penalty is not None and penalty.active:
+        raise ValueError(
+            f"a gate penalty is implemented for the softmax gate only, not for {gate!r}"
+        )

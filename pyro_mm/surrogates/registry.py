@@ -1,21 +1,34 @@
-"""Which expert surrogate fits which model: inference code asks here and never names a family.
+"""Which expert surrogate and which gate block fit which model: inference code asks here and
+never names an expert family or a gate kind.
 
 Adding an expert family means adding a model class and a surrogate class and registering the
-pair with :func:`register_expert_surrogate`; no inference code changes.
+pair with :func:`register_expert_surrogate`; adding a gate kind means adding a
+:class:`~pyro_mm.models.gates.Gate` and its block and registering them with
+:func:`register_gate_surrogate`. No inference code changes.
 """
 
 from ..models.base import MixtureOfExperts
 from ..models.full_covariance_gaussian_moe import FullCovarianceGaussianMoE
+from ..models.gates import HierarchicalGate, SoftmaxGate, TemperatureGate
 from ..models.gaussian_moe import GaussianMoE
 from ..models.multinomial_moe import MultinomialMoE
 from .full_covariance_expert import FullCovarianceExpertSurrogate
+from .gate import SoftmaxGateSurrogate
+from .gate_variants import HierarchicalGateSurrogate, TemperatureGateSurrogate
 from .gaussian_expert import GaussianExpertSurrogate
 from .gaussian_mixture import gaussian_mixture_statistics
 from .multinomial_expert import MultinomialExpertSurrogate
 
-__all__ = ["register_expert_surrogate", "expert_surrogate_for", "fused_statistics_for"]
+__all__ = [
+    "register_expert_surrogate",
+    "expert_surrogate_for",
+    "register_gate_surrogate",
+    "gate_surrogate_for",
+    "fused_statistics_for",
+]
 
 _REGISTRY = {}
+_GATE_REGISTRY = {}
 
 
 def register_expert_surrogate(model_class: type, surrogate_class: type) -> None:
@@ -34,13 +47,36 @@ def expert_surrogate_for(model: MixtureOfExperts, **options):
     )
 
 
-def fused_statistics_for(model: MixtureOfExperts, expert_surrogate):
-    """The one-pass statistics function of ``model`` and its ``expert_surrogate``
+def register_gate_surrogate(gate_class: type, surrogate_class: type) -> None:
+    """Declares ``surrogate_class(gate)`` as the MM/EM gate block of gates of ``gate_class``."""
+    _GATE_REGISTRY[gate_class] = surrogate_class
+
+
+def gate_surrogate_for(model: MixtureOfExperts):
+    """The gate block of ``model``'s gate (the interface of
+    :class:`~pyro_mm.surrogates.gate.SoftmaxGateSurrogate`: statistics, solve, surrogate value,
+    exact M-step)."""
+    for cls in type(model.gate).__mro__:
+        if cls in _GATE_REGISTRY:
+            return _GATE_REGISTRY[cls](model.gate)
+    raise TypeError(
+        f"no gate block is registered for {type(model.gate).__name__}; "
+        f"known gates: {sorted(c.__name__ for c in _GATE_REGISTRY)}"
+    )
+
+
+def fused_statistics_for(model: MixtureOfExperts, expert_surrogate, gate_surrogate=None):
+    """The one-pass statistics function of ``model``, its ``expert_surrogate`` and its
+    ``gate_surrogate`` (default: the softmax gate's block)
     (:func:`~pyro_mm.surrogates.gaussian_mixture.gaussian_mixture_statistics`), or ``None``
     when the block-by-block :func:`~pyro_mm.surrogates.mixture.mixture_statistics` must run:
-    another expert family, different gate and expert regressors, or one expert."""
+    another expert family, another gate than the one-level softmax, different gate and expert
+    regressors, or one expert."""
+    if gate_surrogate is None:
+        gate_surrogate = gate_surrogate_for(model)
     if (
         type(expert_surrogate) is GaussianExpertSurrogate
+        and type(gate_surrogate) is SoftmaxGateSurrogate
         and model.shares_features
         and model.num_experts >= 2
     ):
@@ -51,3 +87,7 @@ def fused_statistics_for(model: MixtureOfExperts, expert_surrogate):
 register_expert_surrogate(GaussianMoE, GaussianExpertSurrogate)
 register_expert_surrogate(MultinomialMoE, MultinomialExpertSurrogate)
 register_expert_surrogate(FullCovarianceGaussianMoE, FullCovarianceExpertSurrogate)
+
+register_gate_surrogate(SoftmaxGate, SoftmaxGateSurrogate)
+register_gate_surrogate(TemperatureGate, TemperatureGateSurrogate)
+register_gate_surrogate(HierarchicalGate, HierarchicalGateSurrogate)
