@@ -49,6 +49,8 @@ _EXPERT_DIMS = {
     },
     "MultinomialExpertParams": {"weight": ("classes", "expert_features")},
 }
+# Dimension names of the gate parameters that have them.
+_GATE_DIMS = {"gate_weight": ["gate_experts", "gate_features"]}
 
 
 def _import_arviz():
@@ -185,10 +187,14 @@ def _evaluate(model, x, y, sites: ParameterSites, draws: dict, point: bool, coun
     return params, log_likelihood.expand(count, -1), predictive
 
 
-def _posterior_variables(stacked) -> tuple:
-    """ArviZ variables ``name -> (chain, draw, ...)`` and their dimension names."""
-    variables = {"gate_weight": _chain(stacked.gate)}
-    dims = {"gate_weight": ["gate_experts", "gate_features"]}
+def _posterior_variables(model, stacked) -> tuple:
+    """ArviZ variables ``name -> (chain, draw, ...)`` and their dimension names; the gate's are
+    named after its params (leading dimensions other than ``gate_weight``'s are numbered)."""
+    variables, dims = {}, {}
+    for name, leaf in zip(model.gate.param_names, model.gate.leaves(stacked.gate)):
+        variables[name] = _chain(leaf)
+        numbered = [f"{name}_dim_{axis}" for axis in range(leaf.dim() - 2)]
+        dims[name] = _GATE_DIMS.get(name, [*numbered, "gate_features"])
     expert_dims = _EXPERT_DIMS.get(type(stacked.experts).__name__, {})
     for field in dataclasses.fields(stacked.experts):
         leaf = getattr(stacked.experts, field.name)
@@ -240,8 +246,10 @@ def to_inference_data(
     ``gate_experts`` (the ``K - 1`` experts with free gate weights; the last expert is the
     reference), ``gate_features`` and ``expert_features`` (the regressors ``u(x)``, ``r(x)``).
     Posterior variables are named after the model's parameters: ``gate_weight`` and
-    ``expert_<field>`` (``expert_weight``, ``expert_variance`` for Gaussian experts). The
-    posterior group's ``posterior_kind`` attribute says where the draws came from.
+    ``expert_<field>`` (``expert_weight``, ``expert_variance`` for Gaussian experts); a
+    hierarchical gate gives ``gate_outer`` and ``gate_inner`` instead of ``gate_weight``, and its
+    draws keep their expert labelling (they are not aligned). The posterior group's
+    ``posterior_kind`` attribute says where the draws came from.
 
     A point estimate has no posterior spread: its draws are ``num_samples`` copies of it, so
     ``az.loo`` then reports the in-sample log-likelihood with ``p_loo = 0`` (and ArviZ warns
@@ -281,10 +289,12 @@ def to_inference_data(
         params, log_likelihood, predictive = _evaluate(model, x, y, sites, draws, point, count)
         if reference is None and kind == "laplace":
             reference = params_from_sites(model, sites, posterior.mode)
-    aligned = align_draws(params, reference)
+    # Relabelling experts keeps a gate that is one tensor of per-expert rows; a structured gate
+    # (e.g. hierarchical: a relabelling must keep the groups) is left in its draws' labelling.
+    aligned = align_draws(params, reference) if isinstance(params[0].gate, torch.Tensor) else params
     stacked = tree_map(lambda *leaves: torch.stack(leaves), *aligned)
     stacked = tree_map(lambda leaf: leaf.expand((count,) + leaf.shape[1:]), stacked)
-    variables, dims = _posterior_variables(stacked)
+    variables, dims = _posterior_variables(model, stacked)
     dims.update({"y": ["obs", "outputs"] if y.dim() == 2 else ["obs"], "x": ["obs", "features"]})
     used = {dim for variable_dims in dims.values() for dim in variable_dims}
     coords = _coords(model, x, y, feature_names, output_names)

@@ -263,7 +263,9 @@ class TemperatureGateSurrogate:
         return stats.gram
 
     def exact_m_step(self, gate_features, targets, previous, **options):
-        return temperature_gate_m_step(gate_features, targets, previous, self.temperature, **options)
+        return temperature_gate_m_step(
+            gate_features, targets, previous, self.temperature, **options
+        )
 
     def from_labels(self, gate_features, labels, num_experts, seed=0):
         # The logistic fit is in the plain gate's coordinates V = omega / T.
@@ -326,9 +328,7 @@ class HierarchicalGateSurrogate:
         inner = []
         for j in range(self.gate.num_groups):
             rows = group == j
-            inner.append(
-                logistic_gate_weight(gate_features[rows], labels[rows] % size, size, seed)
-            )
+            inner.append(logistic_gate_weight(gate_features[rows], labels[rows] % size, size, seed))
         return HierarchicalGateParams(
             outer=logistic_gate_weight(gate_features, group, self.gate.num_groups, seed),
             inner=torch.stack(inner),
