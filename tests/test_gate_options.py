@@ -345,3 +345,24 @@ def test_inference_data_laplace_and_bic_count_the_hierarchical_gate():
     assert idata.log_likelihood["y"].shape == (1, 20, 400)
     # (J - 1) D_g + J (I - 1) D_g gate weights, K Q D_e expert weights, K Q variances.
     assert num_free_parameters(model) == 1 * 3 + 2 * 2 * 3 + 6 * 3 + 6
+
+
+@pytest.mark.parametrize("kind", sorted(GATES))
+def test_multinomial_experts_take_a_gate(kind):
+    from pyro_mm import MultinomialMoE
+
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(500, 2, generator=generator, dtype=torch.float64)
+    y = ((x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()).clamp_max(2)
+    model = MultinomialMoE(6, 2, 3, gate=GATES[kind]()).double()
+    em = EM(model)
+    losses = [em.step(x, y) for _ in range(10)]
+    assert all(b <= a + 1e-10 for a, b in zip(losses, losses[1:]))
+    assert torch.allclose(model.predict(x).sum(-1), torch.ones(500).double())
+    trace = pyro.poutine.trace(model).get_trace(x, y)
+    assert torch.allclose(trace.nodes["y"]["fn"].log_prob(y), model.log_prob(x, y), atol=1e-12)
+    assert Predictive(model, num_samples=2)(x)["y"].shape == (2, 500)
+    infer = IncrementalMM(model, init="current")
+    assert all(
+        math.isfinite(infer.step(x[i : i + 100], y[i : i + 100])) for i in range(0, 500, 100)
+    )

@@ -6,7 +6,6 @@ from pyro.nn import PyroParam
 
 from ..validation import as_tensor, check_finite
 from .base import MixtureOfExperts
-from .gating import gate_log_probs
 from .params import MoEParams, MultinomialExpertParams
 
 __all__ = [
@@ -41,13 +40,12 @@ def multinomial_expert_log_prob(
 
 
 def mixture_class_log_probs(
-    gate_weight: torch.Tensor,
-    expert_weight: torch.Tensor,
-    gate_features: torch.Tensor,
-    expert_features: torch.Tensor,
+    log_gate: torch.Tensor, expert_weight: torch.Tensor, expert_features: torch.Tensor
 ) -> torch.Tensor:
-    r"""``log p(y = m | x) = log sum_k g_k(x) e_k(m | x)`` for every class, shape ``(N, M)``."""
-    log_gate = gate_log_probs(gate_weight, gate_features)
+    r"""``log p(y = m | x) = log sum_k g_k(x) e_k(m | x)`` for every class, shape ``(N, M)``.
+
+    :param torch.Tensor log_gate: ``(N, K)`` gate log-probabilities ``log g_k(x)`` (of any gate).
+    """
     log_experts = torch.log_softmax(multinomial_expert_logits(expert_weight, expert_features), -1)
     return torch.logsumexp(log_gate.unsqueeze(-1) + log_experts, dim=-2)
 
@@ -83,6 +81,7 @@ class MultinomialMoE(MixtureOfExperts):
         likelihood), a :class:`~pyro_mm.models.priors.MoEPriors` or a dict
         ``{parameter name: distribution}``: those parameters become latent sample sites of the
         Pyro model, for SVI with an autoguide (see :meth:`set_priors`).
+    :param gate: ``None`` (the softmax gate) or a gate of :mod:`pyro_mm.models.gates`.
     """
 
     def __init__(
@@ -95,8 +94,10 @@ class MultinomialMoE(MixtureOfExperts):
         seed: int = 0,
         init_scale: float = 0.1,
         priors=None,
+        *,
+        gate=None,
     ):
-        super().__init__(num_experts, in_features, gate_degree, expert_degree)
+        super().__init__(num_experts, in_features, gate_degree, expert_degree, gate)
         if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.num_classes = int(num_classes)
@@ -157,7 +158,8 @@ class MultinomialMoE(MixtureOfExperts):
         x = self.check_x(x)
         params = self.get_params() if params is None else params
         u, r = self.features(x)
-        return mixture_class_log_probs(params.gate, params.experts.weight, u, r).exp()
+        log_gate = self.gate_log_probs(params.gate, u)
+        return mixture_class_log_probs(log_gate, params.experts.weight, r).exp()
 
     def sample(self, x, params: MoEParams = None, generator: torch.Generator = None):
         """Draws ``y ~ p(y | x)`` once per row; returns ``(y, z)`` with ``z`` the expert index.
@@ -168,7 +170,7 @@ class MultinomialMoE(MixtureOfExperts):
         x = self.check_x(x)
         params = self.get_params() if params is None else params
         u, r = self.features(x)
-        gate = gate_log_probs(params.gate, u).exp()
+        gate = self.gate_log_probs(params.gate, u).exp()
         z = torch.multinomial(gate, 1, generator=generator).squeeze(-1)
         logits = multinomial_expert_logits(params.experts.weight, r)
         class_probs = torch.softmax(logits[torch.arange(x.shape[0]), z], -1)
@@ -179,6 +181,8 @@ class MultinomialMoE(MixtureOfExperts):
         """``Categorical(sum_k g_k(x) e_k(. | x))`` per row, mixed in log space."""
         return dist.Categorical(
             logits=mixture_class_log_probs(
-                self.gate_weight, self.expert_weight, gate_features, expert_features
+                torch.log_softmax(self.gate_logits(gate_features), -1),
+                self.expert_weight,
+                expert_features,
             )
         )
