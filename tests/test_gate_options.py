@@ -366,3 +366,60 @@ def test_multinomial_experts_take_a_gate(kind):
     assert all(
         math.isfinite(infer.step(x[i : i + 100], y[i : i + 100])) for i in range(0, 500, 100)
     )
+
+
+# ---------------------------------------------------------------------------- distributed
+def _rank_batch(step, rank):
+    x, y, _ = _hierarchical_data(2 * 8 * 150, seed=12)
+    start = (2 * step + rank) * 150 - 20 * rank  # unequal shard sizes
+    return x[start : start + 150 - 20 * rank], y[start : start + 150 - 20 * rank]
+
+
+def _distributed_worker(rank, port, out_dir):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        # A given start: K-means on one rank's batch would differ from the one process's.
+        model = _perturbed_start(_model("hierarchical").double())
+        infer = IncrementalMM(model, init="current", polyak_start=3)
+        for step in range(8):
+            infer.step(*_rank_batch(step, rank))
+        torch.save(infer.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_incremental_mm_with_a_hierarchical_gate_is_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from pyro_mm.infer.state import load_tree_state
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    model = _perturbed_start(_model("hierarchical").double())
+    single = IncrementalMM(model, init="current", polyak_start=3, process_group=False)
+    for step in range(8):
+        parts = [_rank_batch(step, rank) for rank in range(2)]
+        single.step(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    expected = load_tree_state(single.state_dict())
+    for rank in range(2):
+        state = load_tree_state(torch.load(tmp_path / f"rank{rank}.pt"))
+        for name in ("params", "averaged_params", "statistics"):
+            pairs = zip(tree_leaves(state[name]), tree_leaves(expected[name]), strict=True)
+            assert max(float((a - b).abs().max()) for a, b in pairs) < 1e-10, name
