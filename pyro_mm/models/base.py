@@ -23,7 +23,10 @@ class MixtureOfExperts(PyroModule):
 
     .. math:: p(y \mid x) = \sum_{k=1}^K g_k(x) \, e_k(y \mid x),
         \qquad g_k(x) = \frac{\exp(\omega_k^\top u(x))}{\sum_l \exp(\omega_l^\top u(x))},
-        \quad \omega_K = 0.
+        \quad \omega_K = 0,
+
+    for the default gate; ``gate=`` chooses another (:mod:`pyro_mm.models.gates`), whose
+    log-probabilities replace ``log g_k(x)`` everywhere (Pyro model, densities, predictions).
 
     Subclasses define the expert family through :meth:`expert_log_prob` and the parameter
     accessors. Every method that takes ``x`` validates it and casts it to the model's dtype.
