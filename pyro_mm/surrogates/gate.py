@@ -33,6 +33,7 @@ __all__ = [
     "GateStatistics",
     "SoftmaxGateSurrogate",
     "gate_statistics",
+    "gate_statistics_from_moments",
     "solve_gate",
     "gate_surrogate_value",
 ]
@@ -82,11 +83,23 @@ def gate_statistics(
     else:
         gram = gate_features.T @ gate_features / num_rows
     residual = (resp - gate_probs)[:, :-1]
-    linear = (
-        residual.T @ gate_features / num_rows
-        + kronecker_left(curvature) @ gate_weight @ gram
-        + eps * gate_weight
+    return gate_statistics_from_moments(
+        gate_weight, residual.T @ gate_features / num_rows, gram, curvature, eps
     )
+
+
+def gate_statistics_from_moments(
+    gate_weight: torch.Tensor,
+    residual_moment: torch.Tensor,
+    gram: torch.Tensor,
+    curvature,
+    eps: float,
+) -> GateStatistics:
+    """The gate statistics from the batch moments ``avg((tau - g)_{1:K-1} u^T)`` (``(K - 1,
+    D_g)``) and ``gram`` (:attr:`GateStatistics.gram`): ``linear = residual_moment +
+    C omega_n gram + eps omega_n``. Shared by :func:`gate_statistics` and the one-pass
+    Gaussian statistics (:mod:`~pyro_mm.surrogates.gaussian_mixture`)."""
+    linear = residual_moment + kronecker_left(curvature) @ gate_weight @ gram + eps * gate_weight
     return GateStatistics(linear=linear, gram=gram)
 
 

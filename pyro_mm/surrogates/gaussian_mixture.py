@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from ..models.params import MoEParams
-from .gate import GateStatistics
+from .gate import gate_statistics_from_moments
 from .gaussian_expert import GaussianExpertStatistics
 from .mixture import MoEStatistics
-from .softmax_bound import JaakkolaJordanBound, kronecker_left
+from .softmax_bound import JaakkolaJordanBound
 
 __all__ = ["gaussian_mixture_statistics"]
 
@@ -107,13 +107,10 @@ def gaussian_mixture_statistics(
         gate_gram = moments[num_experts, :num_features, :num_features]
     else:
         gate_gram = expert_moments[:, :num_features, :num_features].sum(0)
-    gate_linear = (
-        gate_residual @ features.T / num_rows
-        + kronecker_left(curvature) @ params.gate @ gate_gram
-        + eps * params.gate
-    )
     stats = MoEStatistics(
-        gate=GateStatistics(linear=gate_linear, gram=gate_gram),
+        gate=gate_statistics_from_moments(
+            params.gate, gate_residual @ features.T / num_rows, gate_gram, curvature, eps
+        ),
         experts=GaussianExpertStatistics(
             weight=resp.sum(1) / num_rows,
             gram=expert_moments[:, :num_features, :num_features],
