@@ -1,6 +1,7 @@
 """The part every softmax-gated mixture of experts shares: features, the gate, the parameter
 plumbing between a ``PyroModule`` and plain :class:`~pyro_mm.models.params.MoEParams`."""
 
+import functools
 from typing import Dict, Mapping
 
 import pyro
@@ -16,6 +17,12 @@ from .params import MoEParams
 from .priors import check_prior_spec, prior_distributions
 
 __all__ = ["MixtureOfExperts"]
+
+
+@functools.lru_cache(maxsize=None)
+def _inverse_transform(constraint):
+    """The map from a constrained value to its unconstrained parameter (cached per constraint)."""
+    return transform_to(constraint).inv
 
 
 class MixtureOfExperts(PyroModule):
@@ -161,9 +168,11 @@ class MixtureOfExperts(PyroModule):
         return f"{prefix}.{name}" if prefix else name
 
     def _write_param(self, name: str, value: torch.Tensor) -> None:
-        unconstrained = getattr(self, name + "_unconstrained")
-        constraint = self._pyro_params[name][0]
-        unconstrained.copy_(transform_to(constraint).inv(value.to(unconstrained.dtype)))
+        # Straight to the stored Parameter (the one Pyro's param store shares): this runs after
+        # every streaming step, and PyroModule's attribute lookup and transform_to cost more
+        # than the small copies.
+        unconstrained = self._parameters[name + "_unconstrained"]
+        unconstrained.copy_(_inverse_transform(self._pyro_params[name][0])(value))
 
     # ---------------------------------------------------------------------------- priors
     def set_priors(self, priors) -> None:
