@@ -66,7 +66,6 @@ from pyro_mm.datasets.synthetic import multinomial_moe_truth, sample_multinomial
 from pyro_mm.infer.compare import Method, fit_method, tune_learning_rate
 from pyro_mm.infer.svi_fit import SVIFit
 from pyro_mm.init import kmeans_init
-from pyro_mm.surrogates.multinomial_expert import MultinomialExpertSurrogate
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DATASETS = ("synthetic", "iris", "wine", "breast_cancer", "digits")
@@ -213,11 +212,12 @@ def build_methods(args, mirror_batch_size: int, seed: int, num_experts: int) -> 
     def incremental_mm(bound):
         def build(model, gamma):
             fitter = IncrementalMM(
-                model, schedule=ConstantStep(gamma), ridge=args.ridge, gate_bound=gate_bound
+                model,
+                schedule=ConstantStep(gamma),
+                ridge=args.ridge,
+                gate_bound=gate_bound,
+                expert_bound=bound,
             )
-            # IncrementalMM builds the package's default expert block; this one differs only
-            # in its bound (IncrementalMM takes no expert-bound option).
-            fitter.expert_surrogate = MultinomialExpertSurrogate(ridge=args.ridge, bound=bound)
             return TailAveraged(fitter, POLYAK_FRACTION)
 
         return build

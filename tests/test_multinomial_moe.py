@@ -518,8 +518,10 @@ def test_surrogate_options_are_validated_and_registered():
         MultinomialExpertSurrogate(ridge=0.0)
     with pytest.raises(ValueError, match="unknown softmax bound 'jaakkola'.*jebara-choromanska"):
         MultinomialExpertSurrogate(bound="jaakkola")
-    assert block.bound == "jebara-choromanska"
-    assert isinstance(block.curvature(3, torch.float64), JebaraChoromanskaBound)
+    assert block.bound == "bohning"
+    assert torch.equal(block.curvature(3, torch.float64), softmax_curvature(2, "bohning"))
+    tight = MultinomialExpertSurrogate(bound="jebara-choromanska")
+    assert isinstance(tight.curvature(3, torch.float64), JebaraChoromanskaBound)
     with pytest.raises(ValueError, match="no coefficient penalty or variance prior"):
         expert_surrogate_for(model, ridge=1e-4, penalty=object())
 

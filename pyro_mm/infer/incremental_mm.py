@@ -84,6 +84,10 @@ class IncrementalMM:
         two experts the per-sample ``"jaakkola-jordan"`` (see ``benchmarks/bounds.py``). The
         gate block of the model's gate (:func:`~pyro_mm.surrogates.registry.gate_surrogate_for`)
         applies it (a hierarchical gate to each of its levels).
+    :param str expert_bound: for experts with a softmax (``MultinomialMoE``), the curvature
+        bound of their surrogate: ``"bohning"`` (``None``: the expert block's default),
+        ``"paper"`` or the per-sample ``"jebara-choromanska"`` (see
+        :class:`~pyro_mm.surrogates.multinomial_expert.MultinomialExpertSurrogate`).
     :param float gate_eps: the ``eps* I`` added to the gate curvature (keeps it definite).
     :param float ridge: ridge on the expert coefficients (relative to each expert's mass).
     :param float variance_floor: smallest expert variance (a collapsing variance is floored).
@@ -120,6 +124,7 @@ class IncrementalMM:
         schedule=None,
         polyak_start: int = None,
         gate_bound: str = "bohning",
+        expert_bound: str = None,
         gate_eps: float = 1e-6,
         ridge: float = 1e-8,
         variance_floor: float = 1e-6,
@@ -168,13 +173,20 @@ class IncrementalMM:
                 f"{type(self.gate_surrogate).__name__} has no penalised solve"
             )
         self.curvature = self.gate_surrogate.curvature(model.num_experts, gate_bound, dtype)
-        penalties = {"penalty": penalty, "variance_prior": variance_prior}
-        self.expert_surrogate = expert_surrogate_for(
-            model,
-            ridge=ridge,
-            variance_floor=variance_floor,
-            **{name: value for name, value in penalties.items() if value is not None},
-        )
+        options = {"penalty": penalty, "variance_prior": variance_prior, "bound": expert_bound}
+        options = {name: value for name, value in options.items() if value is not None}
+        try:
+            self.expert_surrogate = expert_surrogate_for(
+                model, ridge=ridge, variance_floor=variance_floor, **options
+            )
+        except TypeError as err:
+            if expert_bound is None or "bound" not in str(err):
+                raise
+            raise ValueError(
+                f"expert_bound applies to experts with a softmax (MultinomialMoE); the experts "
+                f"of {type(model).__name__} have no softmax bound"
+            ) from None
+        self.expert_bound = expert_bound
         self._fused_statistics = fused_statistics_for(
             model, self.expert_surrogate, self.gate_surrogate
         )
@@ -426,6 +438,7 @@ class IncrementalMM:
             "num_experts": self.model.num_experts,
             "gate": repr(self.model.gate),
             "gate_bound": self.gate_bound,
+            "expert_bound": self.expert_bound,
             "gate_eps": self.gate_eps,
             "ridge": self.ridge,
             "variance_floor": self.variance_floor,

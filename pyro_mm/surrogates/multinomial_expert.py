@@ -58,8 +58,8 @@ __all__ = [
     "multinomial_expert_surrogate_value",
 ]
 
-#: Curvature bounds of the experts' softmax: the constant ones and the per-sample
-#: Jebara-Choromanska bound (the default: measured best, ``benchmarks/classification.py``).
+#: Curvature bounds of the experts' softmax: the constant ones (Böhning's is the default) and
+#: the per-sample Jebara-Choromanska bound.
 EXPERT_BOUNDS = SOFTMAX_BOUNDS + ("jebara-choromanska",)
 
 
@@ -214,12 +214,13 @@ class MultinomialExpertSurrogate:
     :param float variance_floor: accepted for a uniform construction by the inference classes
         and ignored (these experts have no variance).
     :param float min_weight: responsibility mass below which an expert counts as empty.
-    :param str bound: curvature bound of the experts' softmax: ``"jebara-choromanska"`` (the
-        default; per sample, tight where an expert is confident, one dense solve of
-        ``(M - 1) D`` unknowns per expert), or a constant bound, ``"bohning"`` or ``"paper"``
-        (one Kronecker-structured solve per expert, cheaper per step for many classes and
-        features, but MM steps are much shorter once the experts are confident; see
-        ``benchmarks/classification.py``).
+    :param str bound: curvature bound of the experts' softmax: a constant bound, ``"bohning"``
+        (the default) or ``"paper"`` (one Kronecker-structured solve per expert, ``O(M^3 +
+        D^3)``), or the per-sample ``"jebara-choromanska"`` (tight where an expert is confident,
+        so MM steps are longer, but one dense solve of ``(M - 1) D`` unknowns per expert: on
+        ``digits``, M = 10 and D = 65, a fit took 120-150 s instead of 5 s). Which one fits
+        better per sample seen depends on the data (``benchmarks/classification.py`` chooses
+        it on a validation split).
     :param penalty: not supported (``None``): a lasso's diagonal curvature would break the
         Kronecker structure of the solve; use ``ridge``.
     :param variance_prior: not supported (``None``): these experts have no variance.
@@ -230,7 +231,7 @@ class MultinomialExpertSurrogate:
         ridge: float = 1e-8,
         variance_floor: float = None,
         min_weight: float = 1e-8,
-        bound: str = "jebara-choromanska",
+        bound: str = "bohning",
         penalty=None,
         variance_prior=None,
     ):
