@@ -85,6 +85,15 @@ def align_experts(estimate: MoEParams, truth: MoEParams) -> MoEParams:
     """
     from scipy.optimize import linear_sum_assignment
 
+    for params in (estimate, truth):
+        if not isinstance(params.gate, torch.Tensor):
+            raise TypeError(
+                f"aligning experts needs one-level gate weights (a tensor), got a "
+                f"{type(params.gate).__name__}: relabelling a structured gate (e.g. hierarchical) "
+                f"must keep its groups; compare such fits by their densities or "
+                f"pyro_mm.metrics.voronoi_loss instead"
+            )
+
     def centred_gate(params):
         full = torch.nn.functional.pad(params.gate.to(torch.float64), (0, 0, 0, 1))
         return full - full.mean(0)

@@ -423,3 +423,12 @@ def test_distributed_incremental_mm_with_a_hierarchical_gate_is_one_process(tmp_
         for name in ("params", "averaged_params", "statistics"):
             pairs = zip(tree_leaves(state[name]), tree_leaves(expected[name]), strict=True)
             assert max(float((a - b).abs().max()) for a, b in pairs) < 1e-10, name
+
+
+def test_parameter_error_refuses_a_structured_gate_with_a_clear_error():
+    from pyro_mm.metrics import parameter_error
+
+    model = GaussianMoE(6, 2, gate=HierarchicalGate(num_groups=2, group_size=3)).double()
+    params = model.get_params()
+    with pytest.raises(TypeError, match="one-level gate weights"):
+        parameter_error(params, params)
