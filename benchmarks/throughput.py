@@ -186,13 +186,14 @@ def profile_step(repeats=200):
 
     from pyro_mm.infer.incremental_mm import _check_finite_statistics
     from pyro_mm.models.params import tree_map
-    from pyro_mm.surrogates.gate import gate_statistics, solve_gate
-    from pyro_mm.surrogates.mixture import e_step
+    from pyro_mm.surrogates.gate import solve_gate
 
     x, y = make_data(MAIN["num_experts"], MAIN["in_features"], MAIN["batch_size"])
     infer = IncrementalMM(GaussianMoE(MAIN["num_experts"], MAIN["in_features"]))
     infer.step(x, y)
     model, surrogate = infer.model, infer.expert_surrogate
+    one_pass = infer._fused_statistics
+    assert one_pass is not None, "the main case runs the one-pass Gaussian statistics"
     phases = {}
 
     def timed(name, fn, *args):
@@ -203,21 +204,16 @@ def profile_step(repeats=200):
 
     for _ in range(repeats):
         xb, yb = timed("validate x, y", infer._check_batch, x, y)
-        u, r = timed("features", model.features, xb)
+        design = timed("design [r(x), y] (feature-major)", model.regressors_and_outputs, xb, yb)
         params = infer.params
-        gate_probs, resp, log_lik = timed("E-step", e_step, surrogate, params, u, r, yb)
-        gate = timed(
-            "gate statistics",
-            gate_statistics,
-            params.gate,
-            u,
-            gate_probs,
-            resp,
+        stats, log_lik = timed(
+            "E-step and all statistics (one pass)",
+            one_pass,
+            params,
+            design,
             infer.curvature,
             infer.gate_eps,
         )
-        experts = timed("expert statistics", surrogate.statistics, params.experts, r, yb, resp)
-        stats = type(infer.statistics)(gate=gate, experts=experts)
         timed("loss (sum, sync)", _mean_nll, log_lik)
         stats = timed(
             "running average (lerp)",
@@ -252,15 +248,15 @@ def _mean_nll(log_lik):
 def roofline(num_experts=2, in_features=10):
     """Flops and minimal bytes per sample of the step (Q=1, linear features, D = P + 1)."""
     d, k = in_features + 1, num_experts
+    # The one-pass statistics (pyro_mm.surrogates.gaussian_mixture): one product for the gate
+    # logits and expert means, K moment matrices of z = (r, y) (the gate's Gram matrix is their
+    # sum), one product for the gate residual.
     fma = {
-        "gate logits": (k - 1) * d,
-        "expert means": k * d,
-        "gate Gram u u^T": d * d,
-        "gate residual^T u": (k - 1) * d,
-        "weighting tau_k r": k * d,
-        "expert Grams tau_k r r^T": k * d * d,
-        "cross, square, mass": k * (d + 2),
+        "gate logits and expert means": (2 * k - 1) * d,
         "densities, log-sum-exp, responsibilities": 12 * k,
+        "weighting tau_k z": k * (d + 1),
+        "moment matrices tau_k z z^T": k * (d + 1) ** 2,
+        "gate residual^T u": (k - 1) * d,
     }
     flops = 2 * sum(fma.values())
     return {
@@ -463,8 +459,9 @@ def render(r):
         f"GFLOP/s and {roof['min_bytes_per_sample'] * 4096 / step_us / 1e3:.2f} GB/s of input, "
         f"far below one core's double-precision peak (tens of GFLOP/s) and memory bandwidth: the "
         f"step is bound by the number of torch operations (each a dispatch of a few "
-        f"microseconds, on tensors of 4096 rows) and by the intermediate (N, K) and (K, N, D) "
-        f"tensors they write, not by flops or input bytes. 10^7 samples/s at batch 4096 needs "
+        f"microseconds, on tensors of 4096 rows) and by the intermediate tensors they write "
+        f"(the transposed design (D + Q, N), the (K, N) densities and the (K, D + Q, N) "
+        f"weighted design), not by flops or input bytes. 10^7 samples/s at batch 4096 needs "
         f"the whole step in 410 us.",
         "",
     ]
