@@ -70,18 +70,9 @@ class Gate:
         raise NotImplementedError
 
 
-def _tensor_leaves(gate: Gate, params) -> tuple:
-    if not isinstance(params, torch.Tensor):
-        raise TypeError(
-            f"the parameters of {gate!r} are a (K - 1, D_g) tensor, got {type(params).__name__}"
-        )
-    return (params,)
-
-
-@dataclasses.dataclass(frozen=True)
-class SoftmaxGate(Gate):
-    r"""The one-level softmax gate ``g_k(x) = softmax(omega^T u(x))_k``, reference expert ``K``
-    (the models' default)."""
+class _WeightMatrixGate(Gate):
+    """A gate whose parameters are one ``(K - 1, D_g)`` weight matrix, the param
+    ``gate_weight`` (the softmax and temperature gates)."""
 
     param_names = ("gate_weight",)
 
@@ -92,7 +83,17 @@ class SoftmaxGate(Gate):
         return leaves[0]
 
     def leaves(self, params):
-        return _tensor_leaves(self, params)
+        if not isinstance(params, torch.Tensor):
+            raise TypeError(
+                f"the parameters of {self!r} are a (K - 1, D_g) tensor, got {type(params).__name__}"
+            )
+        return (params,)
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxGate(_WeightMatrixGate):
+    r"""The one-level softmax gate ``g_k(x) = softmax(omega^T u(x))_k``, reference expert ``K``
+    (the models' default)."""
 
     def logits(self, params, gate_features):
         return gate_logits(params, gate_features)
@@ -102,7 +103,7 @@ class SoftmaxGate(Gate):
 
 
 @dataclasses.dataclass(frozen=True)
-class TemperatureGate(Gate):
+class TemperatureGate(_WeightMatrixGate):
     r"""The temperature softmax gate ``g_k(x) = softmax(omega^T u(x) / T)_k``.
 
     ``T < 1`` sharpens the gate towards one expert (sparse), ``T > 1`` flattens it (dense).
@@ -112,7 +113,6 @@ class TemperatureGate(Gate):
     """
 
     temperature: float
-    param_names = ("gate_weight",)
 
     def __post_init__(self):
         value = self.temperature
@@ -121,15 +121,6 @@ class TemperatureGate(Gate):
         if not (value > 0 and math.isfinite(value)):
             raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
         object.__setattr__(self, "temperature", float(value))
-
-    def param_shapes(self, num_experts, num_features):
-        return ((num_experts - 1, num_features),)
-
-    def from_leaves(self, leaves):
-        return leaves[0]
-
-    def leaves(self, params):
-        return _tensor_leaves(self, params)
 
     def logits(self, params, gate_features):
         return gate_logits(params / self.temperature, gate_features)
