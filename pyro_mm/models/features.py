@@ -32,25 +32,22 @@ class PolynomialFeatures:
         self.degree = int(degree)
         self.num_features = 1 + self.in_features * self.degree
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        ones = torch.ones(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device)
-        if self.degree == 0:
-            return ones
-        powers = [x]
+    def _powers(self, x: torch.Tensor) -> list:
+        """``[x, x**2, ..., x**degree]`` element-wise (for either layout of ``x``)."""
+        powers = [x] if self.degree > 0 else []
         for _ in range(self.degree - 1):
             powers.append(powers[-1] * x)
-        return torch.cat([ones] + powers, dim=-1)
+        return powers
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device)
+        return torch.cat([ones] + self._powers(x), dim=-1)
 
     def feature_major(self, x: torch.Tensor, append: torch.Tensor) -> torch.Tensor:
         """``[u(x), append]`` transposed, ``(num_features + append columns, N)``, built by one
         concatenation of transposed views (no separate transpose copy)."""
-        x_t = x.T
-        rows = [torch.ones(1, x.shape[0], dtype=x.dtype, device=x.device)]
-        if self.degree > 0:
-            rows.append(x_t)
-            for _ in range(self.degree - 1):
-                rows.append(rows[-1] * x_t)
-        return torch.cat(rows + [append.T])
+        ones = torch.ones(1, x.shape[0], dtype=x.dtype, device=x.device)
+        return torch.cat([ones] + self._powers(x.T) + [append.T])
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, PolynomialFeatures):
