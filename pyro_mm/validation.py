@@ -57,8 +57,12 @@ def check_finite(name: str, value: torch.Tensor) -> None:
             )
 
 
-def check_features(x, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """Validates an input batch: 2-D ``(N, in_features)``, floating, finite, at least one row."""
+def check_features(x, in_features: int, dtype: torch.dtype, finite: bool = True) -> torch.Tensor:
+    """Validates an input batch: 2-D ``(N, in_features)``, floating, finite, at least one row.
+
+    :param bool finite: check finiteness (``False`` for a caller that proves it later, as a
+        finite log-likelihood of the batch does, and calls this again to name a bad row).
+    """
     x = as_tensor("x", x, dtype)
     if x.dim() == 1 and in_features == 1:
         x = x.unsqueeze(-1)
@@ -70,5 +74,6 @@ def check_features(x, in_features: int, dtype: torch.dtype) -> torch.Tensor:
         )
     if x.shape[0] == 0:
         raise ValueError("x is an empty batch (0 rows)")
-    check_finite("x", x)
+    if finite:
+        check_finite("x", x)
     return x

@@ -127,8 +127,9 @@ def test_one_pass_gaussian_statistics_equal_the_block_by_block_statistics(
         surrogate, params, *model.features(x), y, curvature, 1e-6
     )
     fused = fused_statistics_for(model, surrogate)
-    stats, log_lik = fused(params, model.regressors_and_outputs(x, y), curvature, 1e-6)
+    stats, log_lik, probe = fused(params, model.regressors_and_outputs(x, y), curvature, 1e-6)
     assert torch.allclose(log_lik, expected_log_lik, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(probe)
     for got, want in zip(tree_leaves(stats), tree_leaves(expected)):
         assert got.shape == want.shape
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)

@@ -217,10 +217,26 @@ class IncrementalMM:
         x = self.model.check_x(x)
         return x, self.model.check_y(y, x.shape[0])
 
+    @property
+    def _defers_finiteness(self) -> bool:
+        """Whether a step may leave the inputs' finiteness to its log-likelihood: with the
+        one-pass statistics a NaN or infinite input makes the batch's log-likelihood non-finite,
+        which the step checks before any state changes (and then names the bad rows, see
+        :meth:`_reduced_statistics`). Not for the first batch (K-means needs finite data) nor
+        when distributed (every rank must reach the same collectives)."""
+        return (
+            self._fused_statistics is not None
+            and self.process_group is None
+            and self.params is not None
+        )
+
     def _checked_batch(self, x, y):
         """``(x, y, None)`` validated, or ``(x, y, error)``: a distributed step must reach the
         collective that tells the other ranks about the error before raising it."""
         try:
+            if self._defers_finiteness:
+                x = self.model.check_x(x, finite=False)
+                return x, self.model.check_y(y, x.shape[0], finite=False), None
             return (*self._check_batch(x, y), None)
         except (ValueError, TypeError) as err:
             if self.process_group is None:
@@ -245,7 +261,7 @@ class IncrementalMM:
         """
         x, y, local_error = self._checked_batch(x, y)
         params = self._initial_params(x, y, local_error)
-        stats, _, _ = self._reduced_statistics(params, x, y, None)
+        stats, _, _, _ = self._reduced_statistics(params, x, y, None)
         _check_finite_statistics(stats)
         self._warn_if_ill_conditioned(stats)
         self.params, self.statistics = params, stats
@@ -281,7 +297,9 @@ class IncrementalMM:
         params = self.params
         if params is None:
             params = self._initial_params(x, y, local_error)
-        batch_stats, loss, num_rows = self._reduced_statistics(params, x, y, local_error)
+        batch_stats, loss, num_rows, overflow_probe = self._reduced_statistics(
+            params, x, y, local_error
+        )
         gamma = float(self.schedule(self.num_steps + 1))
         # At the first step s_0 = S(theta_0; z_1) is the batch's own statistic.
         previous = batch_stats if self.statistics is None else self.statistics
@@ -291,7 +309,12 @@ class IncrementalMM:
         stability_state = self.stability_state
         if self.stability is not None:
             stats, stability_state = self.stability.project(stats, stability_state)
-        _check_finite_statistics(stats)
+        if overflow_probe is None or self.stability is not None or self.statistics is None:
+            _check_finite_statistics(stats)
+        elif not math.isfinite(overflow_probe.item()):
+            # The running statistics are finite, so their convex combination with the batch's
+            # is finite iff the batch's are.
+            raise FloatingPointError(_OVERFLOW_MESSAGE)
         new_params, report = solve_mixture(
             stats,
             params,
@@ -349,11 +372,14 @@ class IncrementalMM:
         return self.averaged_params if self.averaged_params is not None else self.params
 
     def _batch_statistics(self, params, x, y):
+        """``(statistics, log_lik, overflow_probe)`` of a validated batch at ``params``; the
+        probe (``None`` on the block-by-block path) is a 0-dim tensor finite iff the statistics
+        are (see :func:`~pyro_mm.surrogates.gaussian_mixture.gaussian_mixture_statistics`)."""
         if self._fused_statistics is not None:
             design = self.model.regressors_and_outputs(x, y)
             return self._fused_statistics(params, design, self.curvature, self.gate_eps)
         u, r = self.model.features(x)
-        return mixture_statistics(
+        stats, log_lik = mixture_statistics(
             self.expert_surrogate,
             params,
             u,
@@ -363,6 +389,7 @@ class IncrementalMM:
             self.gate_eps,
             self.gate_surrogate,
         )
+        return stats, log_lik, None
 
     def _warn_if_ill_conditioned(self, stats) -> None:
         """Warns when the gate features' Gram matrix is too ill-conditioned for ``dtype``: the
@@ -408,13 +435,15 @@ class IncrementalMM:
         )
 
     def _reduced_statistics(self, params, x, y, local_error):
-        """The batch statistics at ``params``, its mean NLL and row count, over all ranks.
+        """The batch statistics at ``params``, its mean NLL, row count and overflow probe (see
+        :meth:`_batch_statistics`), over all ranks.
 
-        :raises ValueError: when a rank failed or the log-likelihood is not finite.
+        :raises ValueError: when a rank failed, an input is not finite, or the log-likelihood is
+            not finite.
         """
-        batch_stats, log_lik, log_lik_sum, num_rows = None, None, 0.0, 0
+        batch_stats, log_lik, log_lik_sum, num_rows, probe = None, None, 0.0, 0, None
         if local_error is None:
-            batch_stats, log_lik = self._batch_statistics(params, x, y)
+            batch_stats, log_lik, probe = self._batch_statistics(params, x, y)
             log_lik_sum, num_rows = log_lik.sum(), x.shape[0]
         reduced = all_reduce_batch(
             self.process_group, batch_stats, self.statistics, log_lik_sum, num_rows
@@ -422,13 +451,17 @@ class IncrementalMM:
         self._raise_on_failure(local_error, reduced.failed_ranks)
         loss = -reduced.log_lik_sum / reduced.num_rows
         if not math.isfinite(loss):
+            if self._defers_finiteness:
+                self._check_batch(x, y)  # names the rows holding NaN or inf, if any
             bad_rows = int((~torch.isfinite(log_lik)).sum())
             raise ValueError(
                 f"the batch's log-likelihood is not finite at the current parameters ({bad_rows} "
                 f"of this rank's {num_rows} rows; values too large for the model's dtype, or "
                 f"far outside the data seen so far?); the state was left unchanged"
             )
-        return reduced.statistics, loss, reduced.num_rows
+        # Another rank's statistics are summed in: only the local probe's own batch is known.
+        probe = probe if self.process_group is None else None
+        return reduced.statistics, loss, reduced.num_rows, probe
 
     # ---------------------------------------------------------------------------- checkpoints
     def _options(self) -> dict:
@@ -520,12 +553,15 @@ class IncrementalMM:
             )
 
 
+_OVERFLOW_MESSAGE = (
+    "the batch's statistics overflow the model's dtype (products of features or outputs too "
+    "large: standardise the data); the state was left unchanged"
+)
+
+
 def _check_finite_statistics(stats) -> None:
     if not _all_finite(tree_leaves(stats)):
-        raise FloatingPointError(
-            "the batch's statistics overflow the model's dtype (products of features or "
-            "outputs too large: standardise the data); the state was left unchanged"
-        )
+        raise FloatingPointError(_OVERFLOW_MESSAGE)
 
 
 def _all_finite(tensors) -> bool:

@@ -9,6 +9,7 @@ import torch
 from pyro import poutine
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import transform_to
+from torch.distributions.transforms import identity_transform
 
 from ..validation import check_features
 from .features import as_feature_map
@@ -21,8 +22,10 @@ __all__ = ["MixtureOfExperts"]
 
 @functools.lru_cache(maxsize=None)
 def _inverse_transform(constraint):
-    """The map from a constrained value to its unconstrained parameter (cached per constraint)."""
-    return transform_to(constraint).inv
+    """The map from a constrained value to its unconstrained parameter (cached per constraint);
+    ``None`` for an unconstrained parameter, which is copied as is."""
+    inverse = transform_to(constraint).inv
+    return None if inverse == identity_transform else inverse
 
 
 class MixtureOfExperts(PyroModule):
@@ -79,11 +82,14 @@ class MixtureOfExperts(PyroModule):
     @property
     def dtype(self) -> torch.dtype:
         """The floating dtype of the parameters; inputs are cast to it."""
-        return getattr(self, self._dtype_source).dtype
+        # The stored Parameter itself: PyroModule's attribute lookup goes through the param
+        # store, and every validated batch asks for the dtype.
+        return self._parameters[self._dtype_source].dtype
 
-    def check_x(self, x) -> torch.Tensor:
-        """Validates ``x`` (shape, dtype, finiteness) and casts it to the model's dtype."""
-        return check_features(x, self.in_features, self.dtype)
+    def check_x(self, x, finite: bool = True) -> torch.Tensor:
+        """Validates ``x`` (shape, dtype, finiteness unless ``finite=False``) and casts it to the
+        model's dtype."""
+        return check_features(x, self.in_features, self.dtype, finite)
 
     def check_y(self, y, num_rows: int) -> torch.Tensor:
         """Validates ``y`` for this expert family; see subclasses."""
@@ -172,7 +178,8 @@ class MixtureOfExperts(PyroModule):
         # every streaming step, and PyroModule's attribute lookup and transform_to cost more
         # than the small copies.
         unconstrained = self._parameters[name + "_unconstrained"]
-        unconstrained.copy_(_inverse_transform(self._pyro_params[name][0])(value))
+        inverse = _inverse_transform(self._pyro_params[name][0])
+        unconstrained.copy_(value if inverse is None else inverse(value))
 
     # ---------------------------------------------------------------------------- priors
     def set_priors(self, priors) -> None:

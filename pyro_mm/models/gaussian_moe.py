@@ -145,8 +145,9 @@ class GaussianMoE(MixtureOfExperts):
         shape = (self.num_experts, self.out_features, self.expert_features.num_features)
         self.expert_weight = PyroParam(torch.randn(shape, generator=generator))
 
-    def check_y(self, y, num_rows: int) -> torch.Tensor:
-        """Validates ``y``: floating, finite, shape ``(N, Q)`` (or ``(N,)`` when ``Q = 1``)."""
+    def check_y(self, y, num_rows: int, finite: bool = True) -> torch.Tensor:
+        """Validates ``y``: floating, finite (unless ``finite=False``), shape ``(N, Q)`` (or
+        ``(N,)`` when ``Q = 1``)."""
         y = as_tensor("y", y, self.dtype)
         if y.dim() == 1 and self.out_features == 1:
             y = y.unsqueeze(-1)
@@ -157,7 +158,8 @@ class GaussianMoE(MixtureOfExperts):
             )
         if y.shape[0] != num_rows:
             raise ValueError(f"x has {num_rows} rows but y has {y.shape[0]}")
-        check_finite("y", y)
+        if finite:
+            check_finite("y", y)
         return y
 
     def get_expert_params(self) -> GaussianExpertParams:

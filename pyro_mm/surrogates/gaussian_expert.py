@@ -146,12 +146,11 @@ def solve_gaussian_experts(
     :param InverseGammaPrior variance_prior: prior on the variances (``None``: none).
     :returns: ``(GaussianExpertParams, SolveReport)``.
     """
-    num_experts, num_features, _ = stats.gram.shape
     empty = stats.weight < min_weight
     mass = stats.weight.clamp_min(min_weight)
     penalty = ridge * mass
-    eye = torch.eye(num_features, dtype=stats.gram.dtype, device=stats.gram.device)
-    system = stats.gram + penalty[:, None, None] * eye
+    system = stats.gram.clone()
+    system.diagonal(dim1=-2, dim2=-1).add_(penalty.unsqueeze(-1))
     if coefficient_penalty is not None and coefficient_penalty.active:
         scaled = previous.variance.unsqueeze(-1) * coefficient_penalty.curvature(previous.weight)
         system = system.unsqueeze(1) + torch.diag_embed(scaled)

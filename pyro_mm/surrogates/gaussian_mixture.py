@@ -60,8 +60,12 @@ def gaussian_mixture_statistics(
     :param curvature: the gate's softmax curvature bound (a ``(K - 1, K - 1)`` matrix or a
         :class:`~pyro_mm.surrogates.softmax_bound.JaakkolaJordanBound`).
     :param float eps: the ``eps* I`` term of the gate bound.
-    :returns: ``(MoEStatistics, log_lik)``, as
-        :func:`~pyro_mm.surrogates.mixture.mixture_statistics`.
+    :returns: ``(MoEStatistics, log_lik, overflow_probe)``: the first two as
+        :func:`~pyro_mm.surrogates.mixture.mixture_statistics`; ``overflow_probe`` is a 0-dim
+        tensor that is finite iff every statistic is, when ``params`` and ``log_lik`` are finite
+        (the sum of the moment matrices, of which every statistic is a block, a sum of blocks or,
+        with bounded weights, a product with finite parameters): one reduction instead of one
+        per statistic.
     """
     expert_weight, variance = params.experts.weight, params.experts.variance
     num_experts, out_features, num_features = expert_weight.shape
@@ -118,4 +122,4 @@ def gaussian_mixture_statistics(
             square=expert_moments[:, num_features:, num_features:].diagonal(dim1=-2, dim2=-1),
         ),
     )
-    return stats, log_lik
+    return stats, log_lik, moments.sum()
