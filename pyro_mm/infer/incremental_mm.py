@@ -313,7 +313,7 @@ class IncrementalMM:
             _check_finite_statistics(stats)
         elif not math.isfinite(overflow_probe.item()):
             # The running statistics are finite, so their convex combination with the batch's
-            # is finite iff the batch's are.
+            # is finite iff the batch's are (barring differences beyond the dtype's range).
             raise FloatingPointError(_OVERFLOW_MESSAGE)
         new_params, report = solve_mixture(
             stats,
@@ -459,7 +459,7 @@ class IncrementalMM:
                 f"of this rank's {num_rows} rows; values too large for the model's dtype, or "
                 f"far outside the data seen so far?); the state was left unchanged"
             )
-        # Another rank's statistics are summed in: only the local probe's own batch is known.
+        # Distributed statistics sum every rank's batch; the probe covers only this rank's.
         probe = probe if self.process_group is None else None
         return reduced.statistics, loss, reduced.num_rows, probe
 
