@@ -4,6 +4,7 @@ experts, as a Pyro plugin."""
 from .infer import (
     EM,
     ConstantStep,
+    FiniteSumMM,
     FitHistory,
     GradientEM,
     IncrementalMM,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EM",
     "ConstantStep",
+    "FiniteSumMM",
     "FitHistory",
     "FullCovarianceGaussianMoE",
     "GaussianMoE",

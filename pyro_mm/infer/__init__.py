@@ -10,6 +10,7 @@ from .compare import (
     tune_learning_rate,
 )
 from .em import EM, batch_mm
+from .finite_sum_mm import FiniteSumMM
 from .gradient_em import GradientEM
 from .history import FitHistory
 from .incremental_mm import IncrementalMM
@@ -21,6 +22,7 @@ from .svi_fit import SVIFit
 __all__ = [
     "EM",
     "ConstantStep",
+    "FiniteSumMM",
     "FitHistory",
     "GradientEM",
     "IncrementalMM",

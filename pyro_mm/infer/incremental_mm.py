@@ -300,12 +300,9 @@ class IncrementalMM:
         batch_stats, loss, num_rows, overflow_probe = self._reduced_statistics(
             params, x, y, local_error
         )
-        gamma = float(self.schedule(self.num_steps + 1))
-        # At the first step s_0 = S(theta_0; z_1) is the batch's own statistic.
-        previous = batch_stats if self.statistics is None else self.statistics
         if self.statistics is None:
             self._warn_if_ill_conditioned(batch_stats)
-        stats = tree_map(lambda s, b: torch.lerp(s, b, gamma), previous, batch_stats)
+        stats = self._updated_statistics(batch_stats, num_rows)
         stability_state = self.stability_state
         if self.stability is not None:
             stats, stability_state = self.stability.project(stats, stability_state)
@@ -339,6 +336,14 @@ class IncrementalMM:
         self._update_average()
         self.model.set_params(self.estimate)
         return loss
+
+    def _updated_statistics(self, batch_stats, num_rows: int):
+        """``s_{n+1} = s_n + gamma_{n+1} (S(theta_n; z_{n+1}) - s_n)`` from the batch's statistics
+        (a pure function of the state: :meth:`_step` commits it only when the step succeeds). At
+        the first step ``s_0 = S(theta_0; z_1)`` is the batch's own statistic."""
+        gamma = float(self.schedule(self.num_steps + 1))
+        previous = batch_stats if self.statistics is None else self.statistics
+        return tree_map(lambda s, b: torch.lerp(s, b, gamma), previous, batch_stats)
 
     def evaluate_loss(self, x, y) -> float:
         """Mean negative log-likelihood of ``(x, y)`` at the current estimate (no state change)."""

@@ -1,0 +1,165 @@
+"""FiniteSumMM: incremental MM whose mini-batches' statistics are kept and replaced (MISO)."""
+
+import io
+
+import pytest
+import torch
+
+from pyro_mm import FiniteSumMM, MultinomialMoE
+from pyro_mm.datasets.synthetic import multinomial_moe_truth, sample_multinomial_moe
+from pyro_mm.infer import batch_mm
+from pyro_mm.init import kmeans_init
+from pyro_mm.models.params import MoEParams, tree_map
+from pyro_mm.surrogates.gate import gate_surrogate_value
+from pyro_mm.surrogates.penalties import CoefficientPenalty
+
+RIDGE = 1e-3
+
+
+def _data(num_rows=300, seed=1):
+    truth = multinomial_moe_truth(3, 2, 3, gate_norm=2.0, expert_scale=2.0, seed=0)
+    x, y = sample_multinomial_moe(truth, num_rows, seed=seed)
+    return x, y
+
+
+def _start(x, y):
+    model = MultinomialMoE(3, 2, 3).double()
+    model.set_params(kmeans_init(model, x, y, seed=0))
+    return model
+
+
+def _max_difference(a: MoEParams, b: MoEParams) -> float:
+    return max(
+        (p - q).abs().max().item()
+        for p, q in zip(
+            [a.gate, *vars(a.experts).values()], [b.gate, *vars(b.experts).values()], strict=True
+        )
+    )
+
+
+def test_one_batch_of_all_rows_is_batch_mm():
+    x, y = _data()
+    params = _start(x, y).get_params()
+    finite, batch = MultinomialMoE(3, 2, 3).double(), MultinomialMoE(3, 2, 3).double()
+    finite.set_params(params)
+    batch.set_params(params)
+    fs = FiniteSumMM(finite, ridge=RIDGE, init="current")
+    mm = batch_mm(batch, ridge=RIDGE, init="current")
+    for _ in range(4):
+        assert fs.step(x, y, 0) == pytest.approx(mm.step(x, y), rel=1e-12)
+    assert _max_difference(fs.params, mm.params) < 1e-10
+    # fit with batch_size = all rows does the same
+    again = MultinomialMoE(3, 2, 3).double()
+    again.set_params(params)
+    FiniteSumMM(again, ridge=RIDGE, init="current").fit(x, y, batch_size=len(x), epochs=4)
+    assert _max_difference(again.get_params(), mm.params) < 1e-10
+
+
+def _surrogate_values(fs: FiniteSumMM, params: MoEParams, stats) -> torch.Tensor:
+    """The statistics' part of the surrogate at ``params`` (penalties included)."""
+    gate = gate_surrogate_value(params.gate, stats.gate, fs.curvature, fs.gate_eps)
+    return gate + fs.expert_surrogate.value(params.experts, stats.experts)
+
+
+def _penalty(fs: FiniteSumMM, params: MoEParams) -> torch.Tensor:
+    return 0.5 * fs.gate_eps * params.gate.square().sum() + 0.5 * fs.ridge * (
+        params.experts.weight.square().sum()
+    )
+
+
+def test_the_full_data_surrogate_never_increases_and_majorises_the_objective():
+    """MISO: G_n(theta) = sum_b w_b [f_b(theta_b) + V(theta; S_b) - V(theta_b; S_b) + pen(theta_b)]
+    majorises the penalised objective F, and G_n(theta_{n+1}) is non-increasing once every batch
+    is in the table."""
+    x, y = _data()
+    model = _start(x, y)
+    fs = FiniteSumMM(model, ridge=RIDGE, init="current")
+    batch_size, num_rows = 50, len(x)
+    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, num_rows, 50)]
+    anchors, losses, values = {}, {}, []
+    for _ in range(6):
+        for key, (xb, yb) in enumerate(batches):
+            anchors[key] = fs.params if fs.params is not None else model.get_params()
+            losses[key] = fs.step(xb, yb, key)
+            if len(anchors) < len(batches):
+                continue
+            theta = fs.params
+            value = 0.0
+            for b, (stats, rows) in fs.batch_statistics.items():
+                weight = rows / num_rows
+                constant = losses[b] + _penalty(fs, anchors[b])
+                constant = constant - _surrogate_values(fs, anchors[b], stats)
+                value = value + weight * (constant + _surrogate_values(fs, theta, stats))
+            nll = -model.log_prob(x, y).mean()
+            assert nll + _penalty(fs, theta) <= value + 1e-10
+            values.append(float(value))
+    assert all(b <= a + 1e-10 for a, b in zip(values, values[1:]))
+    assert values[-1] < values[0]
+
+
+def test_fit_decreases_the_full_data_nll_and_beats_one_pass():
+    x, y = _data()
+    model = _start(x, y)
+    start = -model.log_prob(x, y).mean().item()
+    fs = FiniteSumMM(model, ridge=RIDGE, init="current")
+    fs.fit(x, y, batch_size=25, epochs=1, progress=False)
+    one_pass = -model.log_prob(x, y).mean().item()
+    fs.fit(x, y, batch_size=25, epochs=9, progress=False)
+    assert len(fs.batch_statistics) == 12
+    assert fs.samples_seen == 10 * len(x)
+    assert -model.log_prob(x, y).mean().item() < one_pass < start
+
+
+def test_checkpoint_resume_is_bit_identical():
+    x, y = _data()
+    params = _start(x, y).get_params()
+    penalty = CoefficientPenalty(l2=RIDGE, intercept_column=None)
+
+    def fitter():
+        model = MultinomialMoE(3, 2, 3).double()
+        model.set_params(tree_map(torch.clone, params))
+        return FiniteSumMM(model, ridge=RIDGE, gate_penalty=penalty, init="current")
+
+    whole = fitter()
+    whole.fit(x, y, batch_size=40, epochs=3, progress=False)
+    first = fitter()
+    first.fit(x, y, batch_size=40, epochs=1, progress=False)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = fitter()
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.fit(x, y, batch_size=40, epochs=2, progress=False)
+    assert _max_difference(resumed.params, whole.params) == 0.0
+    assert resumed.samples_seen == whole.samples_seen
+
+
+def test_options_and_keys_are_checked():
+    x, y = _data(60)
+    model = _start(x, y)
+    with pytest.raises(TypeError, match="schedule"):
+        FiniteSumMM(model, schedule=lambda n: 0.5)
+    with pytest.raises(TypeError, match="polyak_start"):
+        FiniteSumMM(model, polyak_start=3)
+    fs = FiniteSumMM(model, ridge=RIDGE, init="current")
+    with pytest.raises(TypeError, match="key"):
+        fs.step(x, y)
+    with pytest.raises(ValueError, match="arrays"):
+        fs.fit([(x, y)])
+    # a bad batch changes nothing, its key included
+    fs.step(x[:30], y[:30], 0)
+    before = dict(fs.batch_statistics)
+    bad = x[30:].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError):
+        fs.step(bad, y[30:], 1)
+    assert fs.batch_statistics.keys() == before.keys()
+    # an IncrementalMM state does not load into FiniteSumMM
+    from pyro_mm import IncrementalMM
+
+    other = IncrementalMM(_start(x, y), ridge=RIDGE, init="current")
+    other.step(x, y)
+    with pytest.raises(ValueError):
+        fs.load_state_dict(other.state_dict())
+    fs.forget_batches()
+    assert fs.batch_statistics == {} and fs.statistics is None
