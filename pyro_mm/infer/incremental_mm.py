@@ -309,8 +309,9 @@ class IncrementalMM:
         if overflow_probe is None or self.stability is not None or self.statistics is None:
             _check_finite_statistics(stats)
         elif not math.isfinite(overflow_probe.item()):
-            # The running statistics are finite, so their convex combination with the batch's
-            # is finite iff the batch's are (barring differences beyond the dtype's range).
+            # The running statistics are finite and the update combines them linearly with the
+            # batch's: the result is finite iff the batch's are (barring sums beyond the
+            # dtype's range).
             raise FloatingPointError(_OVERFLOW_MESSAGE)
         new_params, report = solve_mixture(
             stats,
