@@ -289,6 +289,12 @@ def mm_method_name(bound: str) -> str:
     return f"IncrementalMM[{bound}]"
 
 
+def mm_gate_bound(num_experts: int) -> str:
+    """The gate bound of both incremental-MM forms: Jaakkola-Jordan for two experts, else
+    Böhning."""
+    return "jaakkola-jordan" if num_experts == 2 else "bohning"
+
+
 def build_methods(l2: float, mirror_batch_size: int, seed: int, num_experts: int) -> List[Method]:
     """The compared methods, as :class:`pyro_mm.infer.compare.Method` s; a method's "learning
     rate" is its step-size parameter (MM's constant step, MirrorDescentEM's exponent). Incremental
@@ -300,7 +306,7 @@ def build_methods(l2: float, mirror_batch_size: int, seed: int, num_experts: int
     :param int seed: seed of the gradient methods' ELBO draws.
     :param int num_experts: ``K`` (a two-expert gate takes the Jaakkola-Jordan bound).
     """
-    gate_bound = "jaakkola-jordan" if num_experts == 2 else "bohning"
+    gate_bound = mm_gate_bound(num_experts)
 
     def incremental_mm(bound):
         def build(model, gamma):
@@ -388,19 +394,21 @@ def run_repetition(data: Dataset, seed: int, args, tuned: Dict[str, float] = Non
         )
         print(f"  {data.name:>14} seed {seed} L2 {l2:g}: {searches['L2']}", flush=True)
     methods = build_methods(l2, mirror_batch_size, seed, data.num_experts)
+    # Every step-size search runs on the same rows, start and budget.
+    tune = functools.partial(
+        tune_learning_rate,
+        make_model=make_model,
+        x=data.x_train,
+        y=data.y_train,
+        init_params=init_params,
+        batch_size=batch_size,
+        epochs=epochs,
+        seed=seed,
+    )
     candidates = [m for m in methods if m.name.startswith("IncrementalMM[")]
     if tuned is None:
         for method in candidates:
-            search = tune_learning_rate(
-                method,
-                make_model,
-                data.x_train,
-                data.y_train,
-                init_params=init_params,
-                batch_size=batch_size,
-                epochs=epochs,
-                seed=seed,
-            )
+            search = tune(method)
             searches[method.name] = dataclasses.asdict(search)
         chosen = min(candidates, key=lambda m: min(searches[m.name]["validation_nll"]))
         searches["IncrementalMM"] = {
@@ -411,7 +419,7 @@ def run_repetition(data: Dataset, seed: int, args, tuned: Dict[str, float] = Non
     else:
         mm_bound, mm_step = tuned["IncrementalMM expert bound"], tuned["IncrementalMM"]
     mm = next(m for m in candidates if m.name == mm_method_name(mm_bound))
-    gate_bound = "jaakkola-jordan" if data.num_experts == 2 else "bohning"
+    gate_bound = mm_gate_bound(data.num_experts)
 
     def finite_sum(model):
         return FiniteSumMM(
@@ -430,16 +438,7 @@ def run_repetition(data: Dataset, seed: int, args, tuned: Dict[str, float] = Non
         if method.name == "IncrementalMM":
             learning_rate = mm_step
         if method.learning_rates and learning_rate is None:
-            search = tune_learning_rate(
-                method,
-                make_model,
-                data.x_train,
-                data.y_train,
-                init_params=init_params,
-                batch_size=batch_size,
-                epochs=epochs,
-                seed=seed,
-            )
+            search = tune(method)
             searches[method.name] = dataclasses.asdict(search)
             learning_rate = search.best
         model, history, seconds, caught = fit_method(
