@@ -91,8 +91,10 @@ class MixtureOfExperts(PyroModule):
         model's dtype."""
         return check_features(x, self.in_features, self.dtype, finite)
 
-    def check_y(self, y, num_rows: int) -> torch.Tensor:
-        """Validates ``y`` for this expert family; see subclasses."""
+    def check_y(self, y, num_rows: int, finite: bool = True) -> torch.Tensor:
+        """Validates ``y`` for this expert family; see subclasses. ``finite=False`` skips the
+        finiteness check where a caller proves it otherwise (a family whose checks need finite
+        values, as integer labels do, checks anyway)."""
         raise NotImplementedError
 
     def clustering_view(self, y: torch.Tensor) -> torch.Tensor:

@@ -106,10 +106,12 @@ class MultinomialMoE(MixtureOfExperts):
         self.expert_weight = PyroParam(init_scale * torch.randn(shape, generator=generator))
         self.set_priors(priors)
 
-    def check_y(self, y, num_rows: int) -> torch.Tensor:
+    def check_y(self, y, num_rows: int, finite: bool = True) -> torch.Tensor:
         """Validates class labels: shape ``(N,)``, whole numbers in ``{0, ..., M - 1}``.
 
-        Floating labels are accepted when they are whole numbers (e.g. labels read from a CSV).
+        Floating labels are accepted when they are whole numbers (e.g. labels read from a CSV);
+        they are always checked for finiteness (``finite`` is ignored: a label must be a whole
+        number before anything else).
 
         :returns: the labels as an ``int64`` tensor.
         """
