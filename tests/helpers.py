@@ -43,3 +43,22 @@ def assert_trees_identical(left, right, where="state"):
         assert torch.equal(left, right), where
     else:
         assert left == right, where
+
+
+def init_local_gloo(rank: int, port: int, world_size: int) -> None:
+    """Joins a gloo process group of ``world_size`` ranks on localhost (in a spawned worker),
+    with one torch thread per rank (the ranks share the machine's cores)."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )

@@ -1,7 +1,6 @@
 """Data-parallel IncrementalMM: two gloo processes on 127.0.0.1, each stepping on its own shard
 (of unequal sizes), hold the parameters of one process fed the concatenated batches."""
 
-import datetime
 import os
 import socket
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import init_local_gloo
 
 from pyro_mm import GaussianMoE, IncrementalMM
 from pyro_mm.datasets import gaussian_moe_truth, sample_gaussian_moe
@@ -58,15 +58,7 @@ def _model(init_params=None):
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_local_gloo(rank, port, WORLD_SIZE)
     try:
         results = {}
         # 1. A given start (init="current"), Polyak averaging, the default process group.

@@ -8,6 +8,7 @@ import math
 import pyro
 import pytest
 import torch
+from helpers import init_local_gloo
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
 from pyro_mm import (
@@ -376,20 +377,11 @@ def _rank_batch(step, rank):
 
 
 def _distributed_worker(rank, port, out_dir):
-    import datetime
     import os
 
     import torch.distributed as dist
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_local_gloo(rank, port, 2)
     try:
         # A given start: K-means on one rank's batch would differ from the one process's.
         model = _perturbed_start(_model("hierarchical").double())
