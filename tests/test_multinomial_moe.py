@@ -345,6 +345,19 @@ def test_jebara_choromanska_bound_shrinks_with_confidence_unlike_bohning():
     assert torch.linalg.eigvalsh(flat).max() <= 0.5 + 1e-12
 
 
+def _assert_majorises_and_touches(value, objective, base, generator, scales, draws):
+    """``value - objective`` is smallest at ``base`` (the surrogate majorises the objective up to
+    a constant, checked at ``draws`` random points per scale) and their gradients agree there."""
+    for scale in scales:
+        for _ in range(draws):
+            point = base + scale * torch.randn(base.shape, generator=generator, dtype=torch.float64)
+            assert (value(point) - value(base)) - (objective(point) - objective(base)) >= -1e-12
+    leaf = base.clone().requires_grad_()
+    (value_grad,) = torch.autograd.grad(value(leaf), leaf)
+    (objective_grad,) = torch.autograd.grad(objective(leaf), leaf)
+    assert torch.allclose(value_grad, objective_grad, atol=1e-13)
+
+
 @settings(deadline=None)
 @given(
     seed=st.integers(0, 10_000),
@@ -381,14 +394,7 @@ def test_jebara_choromanska_expert_block_majorises_touches_and_solves_exactly(
     def value(weight):
         return block.value(MultinomialExpertParams(weight), stats)
 
-    for step in (0.1, 1.0, 5.0):
-        for _ in range(4):
-            point = base + step * torch.randn(base.shape, generator=generator, dtype=torch.float64)
-            assert (value(point) - value(base)) - (objective(point) - objective(base)) >= -1e-12
-    leaf = base.clone().requires_grad_()
-    (surrogate_grad,) = torch.autograd.grad(value(leaf), leaf)
-    (objective_grad,) = torch.autograd.grad(objective(leaf), leaf)
-    assert torch.allclose(surrogate_grad, objective_grad, atol=1e-13)
+    _assert_majorises_and_touches(value, objective, base, generator, (0.1, 1.0, 5.0), draws=4)
     solved, _ = block.solve(stats, MultinomialExpertParams(base))
     leaf = solved.weight.clone().requires_grad_()
     (gradient,) = torch.autograd.grad(value(leaf), leaf)
@@ -665,13 +671,7 @@ def test_mean_statistics_mixed_with_the_observed_ones_bound_the_mirror_descent_o
         return block.value(MultinomialExpertParams(weight), mixed)
 
     base = anchor.experts.weight
-    for scale in (0.1, 1.0, 3.0):
-        point = base + scale * torch.randn(base.shape, generator=generator, dtype=torch.float64)
-        assert (value(point) - value(base)) - (objective(point) - objective(base)) >= -1e-12
-    leaf = base.clone().requires_grad_()
-    (value_grad,) = torch.autograd.grad(value(leaf), leaf)
-    (objective_grad,) = torch.autograd.grad(objective(leaf), leaf)
-    assert torch.allclose(value_grad, objective_grad, atol=1e-13)
+    _assert_majorises_and_touches(value, objective, base, generator, (0.1, 1.0, 3.0), draws=1)
 
 
 _FITTERS = {
