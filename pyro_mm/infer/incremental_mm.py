@@ -23,6 +23,7 @@ from .state import (
     schedule_state,
     stored_options,
     tree_state,
+    tree_unflatten,
 )
 
 __all__ = ["IncrementalMM"]
@@ -344,7 +345,9 @@ class IncrementalMM:
         the first step ``s_0 = S(theta_0; z_1)`` is the batch's own statistic."""
         gamma = float(self.schedule(self.num_steps + 1))
         previous = batch_stats if self.statistics is None else self.statistics
-        return tree_map(lambda s, b: torch.lerp(s, b, gamma), previous, batch_stats)
+        # One fused call for all the statistics' tensors (the same lerp, bit for bit).
+        averaged = torch._foreach_lerp(tree_leaves(previous), tree_leaves(batch_stats), gamma)
+        return tree_unflatten(batch_stats, averaged)
 
     def evaluate_loss(self, x, y) -> float:
         """Mean negative log-likelihood of ``(x, y)`` at the current estimate (no state change)."""
@@ -382,8 +385,12 @@ class IncrementalMM:
         probe (``None`` on the block-by-block path) is a 0-dim tensor finite iff the statistics
         are (see :func:`~pyro_mm.surrogates.gaussian_mixture.gaussian_mixture_statistics`)."""
         if self._fused_statistics is not None:
-            design = self.model.regressors_and_outputs(x, y)
-            return self._fused_statistics(params, design, self.curvature, self.gate_eps)
+            # Inference mode skips autograd's bookkeeping on each of the E-step's ~60
+            # operations. Its outputs are inference tensors, but only the batch's: the running
+            # statistics and the parameters are computed from them outside it (normal tensors).
+            with torch.inference_mode():
+                design = self.model.regressors_and_outputs(x, y)
+                return self._fused_statistics(params, design, self.curvature, self.gate_eps)
         u, r = self.model.features(x)
         stats, log_lik = mixture_statistics(
             self.expert_surrogate,

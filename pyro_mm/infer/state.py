@@ -90,10 +90,10 @@ def tree_unflatten(template, leaves):
     leaves = iter(leaves)
 
     def rebuild(node):
-        if dataclasses.is_dataclass(node):
-            return dataclasses.replace(
-                node, **{f.name: rebuild(getattr(node, f.name)) for f in dataclasses.fields(node)}
-            )
+        # The class's field table, as in tree_map: this runs in every streaming step.
+        fields = getattr(type(node), "__dataclass_fields__", None)
+        if fields is not None:
+            return type(node)(**{name: rebuild(getattr(node, name)) for name in fields})
         return None if node is None else next(leaves)
 
     return rebuild(template)
