@@ -8,7 +8,8 @@ written with 9 significant digits).
 Measures, in one run, with ``torch.set_num_threads(--threads)`` (default 1: the machine is shared):
 
 1. **Main case** K=2, P=10, Q=1, batch 4096, float64, in memory: samples/s of one pass over
-   ``N in {10^5, 10^6, 10^7}`` for IncrementalMM (default options; the first step, which runs the
+   ``N in {10^5, 10^6, 10^7}``, in ``--rounds`` (default 3) rounds in which the methods
+   alternate (medians over the rounds, and the ratio of each round), for IncrementalMM (default options; the first step, which runs the
    K-means initialisation, is excluded) and for Pyro SVI (``Adam(lr=0.01)``, ``Trace_ELBO``, the
    model's own ``forward`` with an empty guide, i.e. maximum likelihood; same batches; its first
    step, which creates the parameters, excluded; at N = 10^7 SVI is timed over its first 10 s).
@@ -24,7 +25,7 @@ Measures, in one run, with ``torch.set_num_threads(--threads)`` (default 1: the 
    timed inside the real step sequence, and the number of torch operations per step; with the
    analytic flops and minimal bytes per sample, this is the roofline note.
 
-Run: ``python benchmarks/throughput.py`` (about 8 minutes on 2 shared cores; ``--quick`` for a
+Run: ``python benchmarks/throughput.py`` (about 10 minutes on 2 shared cores; ``--quick`` for a
 smoke run). Writes ``benchmarks/results/throughput.{json,md}``.
 """
 
@@ -33,6 +34,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -128,6 +130,15 @@ def _timed_pass(step, x, y, batch_size, max_seconds, min_steps=3):
     }
 
 
+def _median_rates(results):
+    """The median over rounds of each rate of :func:`_timed_pass`."""
+    rates = {
+        key: statistics.median(result[key] for result in results)
+        for key in ("wall", "median_step", "fastest_step")
+    }
+    return {**rates, "steps": results[0]["steps"]}
+
+
 # ------------------------------------------------------------------------------ streamed
 def stream_worker(path, num_rows, batch_size):
     """Runs in a subprocess: fits the first ``num_rows`` rows of the CSV, prints JSON."""
@@ -184,7 +195,6 @@ def profile_step(repeats=200):
     the real step, and the torch operations per step."""
     from torch.overrides import TorchFunctionMode
 
-    from pyro_mm.models.params import tree_map
     from pyro_mm.surrogates.gate import solve_gate
 
     x, y = make_data(MAIN["num_experts"], MAIN["in_features"], MAIN["batch_size"])
@@ -204,23 +214,22 @@ def profile_step(repeats=200):
     for _ in range(repeats):
         # Shapes and dtypes only: a step leaves the inputs' finiteness to the log-likelihood.
         xb, yb, _ = timed("validate x, y", infer._checked_batch, x, y)
-        design = timed("design [r(x), y] (feature-major)", model.regressors_and_outputs, xb, yb)
         params = infer.params
-        stats, log_lik, overflow_probe = timed(
-            "E-step and all statistics (one pass)",
-            one_pass,
-            params,
-            design,
-            infer.curvature,
-            infer.gate_eps,
-        )
+        with torch.inference_mode():  # as in the step (IncrementalMM._batch_statistics)
+            design = timed(
+                "design [r(x), y] (feature-major)", model.regressors_and_outputs, xb, yb
+            )
+            stats, log_lik, overflow_probe = timed(
+                "E-step and all statistics (one pass)",
+                one_pass,
+                params,
+                design,
+                infer.curvature,
+                infer.gate_eps,
+            )
         timed("loss (sum, sync)", _mean_nll, log_lik)
         stats = timed(
-            "running average (lerp)",
-            tree_map,
-            lambda s, b: torch.lerp(s, b, 0.01),
-            infer.statistics,
-            stats,
+            "running average (one fused lerp)", infer._updated_statistics, stats, xb.shape[0]
         )
         timed("finiteness check (one probe)", _probe_is_finite, overflow_probe)
         timed("gate solve", solve_gate, stats.gate, infer.curvature, infer.gate_eps)
@@ -277,6 +286,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=1.0, help="per grid case and method")
     parser.add_argument("--max-n", type=int, default=10**7)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds of the main case's methods"
+    )
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--stream-worker", nargs=2, metavar=("CSV", "N"))
     args = parser.parse_args(argv)
@@ -286,10 +298,11 @@ def main(argv=None):
     sizes = [n for n in (10**5, 10**6, 10**7) if n <= args.max_n]
     grid = [(p, k, b) for p in (2, 10, 50) for k in (2, 4, 8) for b in (256, 4096, 65536)]
     if args.quick:
-        sizes, grid, args.seconds = [10**5], [(10, 2, 4096), (2, 4, 256)], 0.2
+        sizes, grid, args.seconds, args.rounds = [10**5], [(10, 2, 4096), (2, 4, 256)], 0.2, 1
     report = {
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
         "threads": args.threads,
+        "rounds": args.rounds,
         "load_average_start": os.getloadavg(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
@@ -297,20 +310,36 @@ def main(argv=None):
     }
     started = time.perf_counter()
 
-    # 1. main case in memory
+    # 1. main case in memory: the methods alternate over --rounds rounds, so that the machine's
+    # drift (up to 1.8x within an hour on this shared VM) moves both sides of each ratio.
     k_main = MAIN["num_experts"]
     x_all, y_all = make_data(MAIN["num_experts"], MAIN["in_features"], max(sizes))
     main_rows = []
     for n in sizes:
         x, y = x_all[:n], y_all[:n]
-        mm = mm_pass(k_main, x, y, MAIN["batch_size"])
-        mm32 = mm_pass(k_main, x.float(), y.float(), MAIN["batch_size"], dtype=torch.float32)
-        svi = svi_pass(k_main, x, y, MAIN["batch_size"], max_seconds=None if n <= 10**6 else 10.0)
-        main_rows.append({"num_rows": n, "mm": mm, "mm_float32": mm32, "svi": svi})
+        rounds = []
+        for _ in range(args.rounds):
+            rounds.append(
+                {
+                    "mm": mm_pass(k_main, x, y, MAIN["batch_size"]),
+                    "mm_float32": mm_pass(
+                        k_main, x.float(), y.float(), MAIN["batch_size"], dtype=torch.float32
+                    ),
+                    "svi": svi_pass(
+                        k_main, x, y, MAIN["batch_size"], max_seconds=None if n <= 10**6 else 10.0
+                    ),
+                }
+            )
+        row = {"num_rows": n, "rounds": rounds}
+        row.update({key: _median_rates([r[key] for r in rounds]) for key in rounds[0]})
+        row["wall_ratio_per_round"] = [r["mm"]["wall"] / r["svi"]["wall"] for r in rounds]
+        main_rows.append(row)
+        mm, svi = row["mm"], row["svi"]
         print(
-            f"main N={n:.0e}: MM {mm['wall']:,.0f}/s (fastest step {mm['fastest_step']:,.0f}/s; "
-            f"float32 {mm32['wall']:,.0f}/s), SVI {svi['wall']:,.0f}/s (fastest step "
-            f"{svi['fastest_step']:,.0f}/s), ratio {mm['wall'] / svi['wall']:.1f}x",
+            f"main N={n:.0e}, medians of {args.rounds} rounds: MM {mm['wall']:,.0f}/s (fastest "
+            f"step {mm['fastest_step']:,.0f}/s; float32 {row['mm_float32']['wall']:,.0f}/s), SVI "
+            f"{svi['wall']:,.0f}/s (fastest step {svi['fastest_step']:,.0f}/s), wall ratio per "
+            f"round {', '.join(f'{v:.1f}x' for v in row['wall_ratio_per_round'])}",
             flush=True,
         )
     del x_all, y_all
@@ -391,7 +420,8 @@ def render(r):
         "fastest full-batch step (the machine is shared: the wall rate includes time the "
         "process was descheduled).",
         "",
-        "## Main case: K=2, P=10, Q=1, batch 4096, in memory (one pass, init step excluded)",
+        f"## Main case: K=2, P=10, Q=1, batch 4096, in memory (one pass, init step excluded; "
+        f"{r.get('rounds', 1)} alternating rounds)",
         "",
         "| N | method | wall | median step | fastest step |",
         "|---|---|---|---|---|",
@@ -409,6 +439,16 @@ def render(r):
             + " | ".join(f"{ratio:.1f}x" for ratio in ratios)
             + " |"
         )
+    lines += [
+        "",
+        "Each rate is the median over the rounds; the wall ratio MM / SVI of each round: "
+        + "; ".join(
+            f"N = {row['num_rows']:.0e}: "
+            + ", ".join(f"{v:.2f}x" for v in row.get("wall_ratio_per_round", []))
+            for row in r["main_in_memory"]
+        )
+        + ".",
+    ]
     lines += [
         "",
         f"## Streamed from a CSV ({r['csv_bytes'] / 2**30:.2f} GiB for the largest N, written in "

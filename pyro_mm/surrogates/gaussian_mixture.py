@@ -87,7 +87,7 @@ def gaussian_mixture_statistics(
         log_joint = (residual.square_() * (-0.5 / variance).unsqueeze(-1)).sum(1)
         log_joint += normaliser.unsqueeze(-1)
     # The gate's log-partition is common to all experts: it cancels in the responsibilities.
-    log_joint[: num_experts - 1] += free_logits
+    log_joint[: num_experts - 1].add_(free_logits)
     top = log_joint.amax(0)
     joint = (log_joint - top).exp_()
     total = joint.sum(0)
