@@ -9,7 +9,12 @@ from ..init import check_init, initial_params
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_leaves, tree_map, tree_to
 from ..surrogates.mixture import mixture_statistics, solve_mixture
-from ..surrogates.registry import expert_surrogate_for, fused_statistics_for, gate_surrogate_for
+from ..surrogates.registry import (
+    expert_surrogate_for,
+    expert_surrogate_options,
+    fused_statistics_for,
+    gate_surrogate_for,
+)
 from .batches import iterate_batches
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
 from .fit_loop import count_batches, fit_loop
@@ -176,17 +181,14 @@ class IncrementalMM:
         self.curvature = self.gate_surrogate.curvature(model.num_experts, gate_bound, dtype)
         options = {"penalty": penalty, "variance_prior": variance_prior, "bound": expert_bound}
         options = {name: value for name, value in options.items() if value is not None}
-        try:
-            self.expert_surrogate = expert_surrogate_for(
-                model, ridge=ridge, variance_floor=variance_floor, **options
-            )
-        except TypeError as err:
-            if expert_bound is None or "bound" not in str(err):
-                raise
+        if expert_bound is not None and "bound" not in expert_surrogate_options(model):
             raise ValueError(
                 f"expert_bound applies to experts with a softmax (MultinomialMoE); the experts "
                 f"of {type(model).__name__} have no softmax bound"
-            ) from None
+            )
+        self.expert_surrogate = expert_surrogate_for(
+            model, ridge=ridge, variance_floor=variance_floor, **options
+        )
         self.expert_bound = expert_bound
         self._fused_statistics = fused_statistics_for(
             model, self.expert_surrogate, self.gate_surrogate

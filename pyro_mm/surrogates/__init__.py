@@ -30,6 +30,7 @@ from .multinomial_expert import (
 from .penalties import CoefficientPenalty, InverseGammaPrior
 from .registry import (
     expert_surrogate_for,
+    expert_surrogate_options,
     gate_surrogate_for,
     register_expert_surrogate,
     register_gate_surrogate,
@@ -69,6 +70,7 @@ __all__ = [
     "TemperatureGateSurrogate",
     "e_step",
     "expert_surrogate_for",
+    "expert_surrogate_options",
     "fit_softmax_regression",
     "gate_statistics",
     "gate_surrogate_for",

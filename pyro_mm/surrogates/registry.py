@@ -7,6 +7,8 @@ pair with :func:`register_expert_surrogate`; adding a gate kind means adding a
 :func:`register_gate_surrogate`. No inference code changes.
 """
 
+import inspect
+
 from ..models.base import MixtureOfExperts
 from ..models.full_covariance_gaussian_moe import FullCovarianceGaussianMoE
 from ..models.gates import HierarchicalGate, SoftmaxGate, TemperatureGate
@@ -22,6 +24,7 @@ from .multinomial_expert import MultinomialExpertSurrogate
 __all__ = [
     "register_expert_surrogate",
     "expert_surrogate_for",
+    "expert_surrogate_options",
     "register_gate_surrogate",
     "gate_surrogate_for",
     "fused_statistics_for",
@@ -38,9 +41,20 @@ def register_expert_surrogate(model_class: type, surrogate_class: type) -> None:
 
 def expert_surrogate_for(model: MixtureOfExperts, **options):
     """The expert surrogate block for ``model``, built with the regularisation ``options``."""
+    return expert_surrogate_class(model)(**options)
+
+
+def expert_surrogate_options(model: MixtureOfExperts) -> frozenset:
+    """The names of the options the expert surrogate of ``model`` accepts (e.g. ``"bound"``
+    only for experts with a softmax)."""
+    return frozenset(inspect.signature(expert_surrogate_class(model)).parameters)
+
+
+def expert_surrogate_class(model: MixtureOfExperts) -> type:
+    """The registered expert surrogate class of ``model`` (the nearest in its class's MRO)."""
     for cls in type(model).__mro__:
         if cls in _REGISTRY:
-            return _REGISTRY[cls](**options)
+            return _REGISTRY[cls]
     raise TypeError(
         f"no MM surrogate is registered for {type(model).__name__}; "
         f"known model classes: {sorted(c.__name__ for c in _REGISTRY)}"
