@@ -188,3 +188,28 @@ def test_expert_bound_option_reaches_softmax_experts_and_is_refused_elsewhere():
         IncrementalMM(GaussianMoE(2, 3), expert_bound="bohning")
     with pytest.raises(ValueError, match="unknown softmax bound"):
         IncrementalMM(MultinomialMoE(2, 3, 4), expert_bound="tight")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"ridge": -1.0}, "ridge must be >= 0"),
+        ({"ridge": float("nan")}, "ridge must be >= 0"),
+        ({"variance_floor": 0.0}, "variance_floor > 0"),
+        ({"gate_eps": float("nan")}, "gate_eps must be >= 0"),
+        ({"dtype": torch.int64}, "dtype must be torch.float32 or torch.float64"),
+        ({"init": "random"}, "init"),
+    ],
+)
+def test_bad_options_are_refused_before_the_model_changes(options, message):
+    from pyro_mm import EM, FiniteSumMM
+
+    model = GaussianMoE(2, 3)
+    before = model.get_params()
+    for algorithm in (IncrementalMM, FiniteSumMM, EM):
+        if "gate_eps" in options and algorithm is EM:
+            continue
+        with pytest.raises(ValueError, match=message):
+            algorithm(model, **options)
+    after = model.get_params()
+    assert torch.equal(before.gate, after.gate) and model.dtype == torch.float32

@@ -23,9 +23,35 @@ from .state import (
     tree_state,
 )
 
-__all__ = ["EMLikeInference", "positive_number", "positive_integer", "gate_solver_options"]
+__all__ = [
+    "EMLikeInference",
+    "check_fit_setup",
+    "positive_number",
+    "positive_integer",
+    "gate_solver_options",
+]
 
-#: Accepted values of ``init``.
+
+def check_fit_setup(model, algorithm: str, *, init: str, ridge, variance_floor, dtype) -> None:
+    """The checks every inference class makes of its model and common options, before any
+    state is built: a pyro_mm mixture of experts without priors (``algorithm`` names the caller
+    in the message), a known ``init``, ``ridge >= 0``, ``variance_floor > 0`` and a floating
+    ``dtype``.
+
+    :raises TypeError: for a model that is not a :class:`~pyro_mm.models.base.MixtureOfExperts`.
+    :raises ValueError: for the rest.
+    """
+    if not isinstance(model, MixtureOfExperts):
+        raise TypeError(f"model must be a pyro_mm mixture of experts, got {type(model).__name__}")
+    model.require_no_priors(algorithm)
+    check_init(init)
+    if not ridge >= 0 or not variance_floor > 0:
+        raise ValueError(
+            f"ridge must be >= 0 and variance_floor > 0, got ridge={ridge!r}, "
+            f"variance_floor={variance_floor!r}"
+        )
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
 
 
 def positive_number(name: str, value) -> float:
@@ -92,19 +118,9 @@ class EMLikeInference:
         seed: int,
         dtype: torch.dtype,
     ):
-        if not isinstance(model, MixtureOfExperts):
-            raise TypeError(
-                f"model must be a pyro_mm mixture of experts, got {type(model).__name__}"
-            )
-        model.require_no_priors(self.name)
-        check_init(init)
-        if not ridge >= 0 or not variance_floor > 0:
-            raise ValueError(
-                f"ridge must be >= 0 and variance_floor > 0, got ridge={ridge!r}, "
-                f"variance_floor={variance_floor!r}"
-            )
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+        check_fit_setup(
+            model, self.name, init=init, ridge=ridge, variance_floor=variance_floor, dtype=dtype
+        )
         self.expert_surrogate = expert_surrogate_for(
             model, ridge=ridge, variance_floor=variance_floor
         )

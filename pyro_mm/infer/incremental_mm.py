@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from ..init import check_init, initial_params
+from ..init import initial_params
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_leaves, tree_map, tree_to
 from ..surrogates.mixture import mixture_statistics, solve_mixture
@@ -17,6 +17,7 @@ from ..surrogates.registry import (
 )
 from .batches import iterate_batches
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
+from .em_like import check_fit_setup
 from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
 from .schedules import PowerDecay
@@ -144,18 +145,20 @@ class IncrementalMM:
         variance_prior=None,
         stability=None,
     ):
-        if not isinstance(model, MixtureOfExperts):
-            raise TypeError(
-                f"model must be a pyro_mm mixture of experts, got {type(model).__name__}"
-            )
-        model.require_no_priors("IncrementalMM")
-        check_init(init)
+        check_fit_setup(
+            model,
+            type(self).__name__,
+            init=init,
+            ridge=ridge,
+            variance_floor=variance_floor,
+            dtype=dtype,
+        )
         if polyak_start is not None and (int(polyak_start) != polyak_start or polyak_start < 1):
             raise ValueError(
                 f"polyak_start must be a positive integer or None, got {polyak_start!r}"
             )
-        if gate_eps < 0 or ridge < 0 or variance_floor <= 0:
-            raise ValueError("gate_eps and ridge must be >= 0 and variance_floor > 0")
+        if not gate_eps >= 0:
+            raise ValueError(f"gate_eps must be >= 0, got {gate_eps!r}")
         if on_bad_batch not in _BAD_BATCH_POLICIES:
             raise ValueError(
                 f"on_bad_batch must be one of {_BAD_BATCH_POLICIES}, got {on_bad_batch!r}"
