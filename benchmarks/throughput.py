@@ -216,9 +216,7 @@ def profile_step(repeats=200):
         xb, yb, _ = timed("validate x, y", infer._checked_batch, x, y)
         params = infer.params
         with torch.inference_mode():  # as in the step (IncrementalMM._batch_statistics)
-            design = timed(
-                "design [r(x), y] (feature-major)", model.regressors_and_outputs, xb, yb
-            )
+            design = timed("design [r(x), y] (feature-major)", model.regressors_and_outputs, xb, yb)
             stats, log_lik, overflow_probe = timed(
                 "E-step and all statistics (one pass)",
                 one_pass,
