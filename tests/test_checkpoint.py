@@ -39,24 +39,42 @@ def _without_wall_time(state):
     return {**state, "history": {**state["history"], "wall_time": None}}
 
 
-def test_resume_through_a_file_is_bit_identical(tmp_path):
-    batches = _batches(40)
-    schedule = PowerDecay(0.9, 0.7)
-    reference = _make(schedule=schedule, polyak_start=10)
+def _interrupt_and_resume(build, batches, stop, path, *, build_resumed=None, clear_store=False):
+    """``(reference, resumed)``: ``build(9)`` stepped over all ``batches``, and the state of
+    another ``build(9)`` stopped after ``stop`` batches, saved to ``path`` with ``torch.save``,
+    loaded into a fresh object (``build_resumed()``, default ``build(123)``: other initial
+    weights, as a new process would build it) and stepped over the rest. ``clear_store``
+    empties Pyro's param store before each fit (SVIFit keeps its parameters there)."""
+    if clear_store:
+        pyro.clear_param_store()
+    reference = build(9)
     for x, y in batches:
         reference.step(x, y)
-
-    interrupted = _make(schedule=PowerDecay(0.9, 0.7), polyak_start=10)
-    for x, y in batches[:17]:
+    interrupted = build(9)
+    for x, y in batches[:stop]:
         interrupted.step(x, y)
-    path = tmp_path / "checkpoint.pt"
     torch.save(interrupted.state_dict(), path)
     del interrupted
 
-    # A fresh process would build the model and the inference object again: other initial
-    # weights and the default schedule, both replaced by the checkpoint.
-    resumed = IncrementalMM(GaussianMoE(3, 2, 2, seed=123))
+    if clear_store:
+        pyro.clear_param_store()
+    resumed = build(123) if build_resumed is None else build_resumed()
     resumed.load_state_dict(torch.load(path))  # weights_only=True: plain data only
+    assert resumed.num_steps == stop
+    assert resumed.samples_seen == sum(x.shape[0] for x, _ in batches[:stop])
+    return reference, resumed
+
+
+def test_resume_through_a_file_is_bit_identical(tmp_path):
+    batches = _batches(40)
+    reference, resumed = _interrupt_and_resume(
+        lambda seed: _make(schedule=PowerDecay(0.9, 0.7), polyak_start=10),
+        batches,
+        17,
+        tmp_path / "checkpoint.pt",
+        # The default schedule and other initial weights, both replaced by the checkpoint.
+        build_resumed=lambda: IncrementalMM(GaussianMoE(3, 2, 2, seed=123)),
+    )
     assert isinstance(resumed.schedule, PowerDecay) and resumed.schedule.alpha == 0.7
     assert resumed.polyak_start == 10
     for x, y in batches[17:]:
@@ -157,15 +175,7 @@ def test_em_type_methods_resume_bit_identically(tmp_path, method):
         return GradientEM(model, lr_gate=0.5, lr_experts=0.2)
 
     batches = _batches(8, batch_size=150)
-    reference = build(9)
-    for x, y in batches:
-        reference.step(x, y)
-    interrupted = build(9)
-    for x, y in batches[:3]:
-        interrupted.step(x, y)
-    torch.save(interrupted.state_dict(), tmp_path / "checkpoint.pt")
-    resumed = build(77)
-    resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt"))
+    reference, resumed = _interrupt_and_resume(build, batches, 3, tmp_path / "checkpoint.pt")
     for x, y in batches[3:]:
         resumed.step(x, y)
     assert_trees_identical(
@@ -220,21 +230,9 @@ def _assert_same_fit(left, right):
 def test_svi_fit_resumes_bit_identically(tmp_path, method):
     build = _svi_builders()[method]
     batches = _batches(12)
-    pyro.clear_param_store()
-    reference = build(9)
-    for x, y in batches:
-        reference.step(x, y)
-
-    interrupted = build(9)
-    for x, y in batches[:5]:
-        interrupted.step(x, y)
-    torch.save(interrupted.state_dict(), tmp_path / "checkpoint.pt")
-    del interrupted
-
-    pyro.clear_param_store()
-    resumed = build(123)  # other initial weights, replaced by the checkpoint
-    resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt"))
-    assert resumed.num_steps == 5 and resumed.samples_seen == 5 * 64
+    reference, resumed = _interrupt_and_resume(
+        build, batches, 5, tmp_path / "checkpoint.pt", clear_store=True
+    )
     for x, y in batches[5:]:
         resumed.step(x, y)
     _assert_same_fit(reference, resumed)
