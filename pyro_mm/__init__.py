@@ -4,6 +4,7 @@ experts, as a Pyro plugin."""
 from .infer import (
     EM,
     ConstantStep,
+    ConstantThenDecay,
     FiniteSumMM,
     FitHistory,
     GradientEM,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EM",
     "ConstantStep",
+    "ConstantThenDecay",
     "FiniteSumMM",
     "FitHistory",
     "FullCovarianceGaussianMoE",

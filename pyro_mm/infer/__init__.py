@@ -15,13 +15,14 @@ from .gradient_em import GradientEM
 from .history import FitHistory
 from .incremental_mm import IncrementalMM
 from .mirror_descent_em import MirrorDescentEM
-from .schedules import ConstantStep, PowerDecay
+from .schedules import ConstantStep, ConstantThenDecay, PowerDecay
 from .stability import StatisticsTruncation
 from .svi_fit import SVIFit
 
 __all__ = [
     "EM",
     "ConstantStep",
+    "ConstantThenDecay",
     "FiniteSumMM",
     "FitHistory",
     "GradientEM",
