@@ -97,6 +97,72 @@ def test_the_full_data_surrogate_never_increases_and_majorises_the_objective():
     assert values[-1] < values[0]
 
 
+def test_repeating_a_batch_keeps_the_surrogate_a_non_increasing_majoriser():
+    """What ``inner_steps`` does: the same batch stepped 3 times in a row. Each repetition
+    re-anchors only that batch's term (its data is at hand), so after every step the surrogate
+    still majorises the penalised objective and its value at the iterate never increases."""
+    x, y = _data()
+    model = _start(x, y)
+    fs = FiniteSumMM(model, ridge=RIDGE, init="current")
+    batch_size, num_rows = 50, len(x)
+    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, num_rows, 50)]
+    anchors, losses, values = {}, {}, []
+    for _ in range(4):
+        for key, (xb, yb) in enumerate(batches):
+            for _ in range(3):
+                anchors[key] = fs.params if fs.params is not None else model.get_params()
+                losses[key] = fs.step(xb, yb, key)
+                if len(anchors) < len(batches):
+                    continue
+                theta = fs.params
+                value = 0.0
+                for b, (stats, rows) in fs.batch_statistics.items():
+                    constant = losses[b] + _penalty(fs, anchors[b])
+                    constant = constant - _surrogate_values(fs, anchors[b], stats)
+                    value = value + rows / num_rows * (
+                        constant + _surrogate_values(fs, theta, stats)
+                    )
+                nll = -model.log_prob(x, y).mean()
+                assert nll + _penalty(fs, theta) <= value + 1e-10
+                values.append(float(value))
+    assert all(b <= a + 1e-10 for a, b in zip(values, values[1:]))
+    assert values[-1] < values[0]
+
+
+def test_inner_steps_repeat_the_batch_step_and_count_its_samples_once():
+    x, y = _data()
+    params = _start(x, y).get_params()
+    repeated, plain = MultinomialMoE(3, 2, 3).double(), MultinomialMoE(3, 2, 3).double()
+    repeated.set_params(params)
+    plain.set_params(params)
+    inner = FiniteSumMM(repeated, ridge=RIDGE, init="current", inner_steps=3)
+    once = FiniteSumMM(plain, ridge=RIDGE, init="current")
+    batches = [(x[i : i + 60], y[i : i + 60]) for i in range(0, len(x), 60)]
+    for _ in range(2):
+        for key, (xb, yb) in enumerate(batches):
+            loss = inner.step(xb, yb, key)
+            assert loss == once.step(xb, yb, key)
+            once.step(xb, yb, key)
+            once.step(xb, yb, key)
+    assert _max_difference(inner.params, once.params) == 0.0
+    assert inner.samples_seen == 2 * len(x) and inner.num_steps == 2 * len(batches)
+    # the fit loop sees one step per batch
+    again = MultinomialMoE(3, 2, 3).double()
+    again.set_params(params)
+    history = FiniteSumMM(again, ridge=RIDGE, init="current", inner_steps=3).fit(
+        x, y, batch_size=60, epochs=2, progress=False
+    )
+    assert len(history) == 2 * len(batches)
+    assert _max_difference(again.get_params(), inner.params) == 0.0
+
+
+@pytest.mark.parametrize("inner_steps", [0, -1, 1.5, True])
+def test_inner_steps_must_be_a_positive_integer(inner_steps):
+    x, y = _data(60)
+    with pytest.raises(ValueError, match="inner_steps"):
+        FiniteSumMM(_start(x, y), inner_steps=inner_steps)
+
+
 def test_fit_decreases_the_full_data_nll_and_beats_one_pass():
     x, y = _data()
     model = _start(x, y)

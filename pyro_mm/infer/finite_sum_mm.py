@@ -17,6 +17,16 @@ statistics. With one batch of all the rows each step is a batch MM step
 (:func:`~pyro_mm.infer.em.batch_mm`).
 
 The price is memory: one set of statistics per batch (``B`` times the size of ``s``).
+
+**Inner steps.** One step re-anchors only the batch at hand, so a pass over the data moves the
+iterate roughly as far as one batch MM step does. With ``inner_steps = J > 1`` the step repeats
+"replace the batch's term by the one anchored at the current iterate, minimise the surrogate"
+``J`` times on the same batch (its data is at hand). Each repetition is itself a MISO step on
+that batch: the new term majorises the batch's NLL and touches it at the iterate, so the
+full-data surrogate stays a majoriser and its value at the iterate still never increases. (Re-
+expanding the bound of the *other* batches at the new iterate would not be valid: their data is
+not at hand, only their statistics.) The batch's samples are counted once; the extra
+repetitions cost compute, not samples.
 """
 
 import math
@@ -43,12 +53,16 @@ class FiniteSumMM(IncrementalMM):
     iteration; call :meth:`forget_batches` before fitting other data.
 
     :param MixtureOfExperts model: the model to fit.
+    :param int inner_steps: MM iterations per batch, each re-anchoring the batch's own term at
+        the current iterate (see the module docstring); 1 (the default) is plain MISO.
     :param options: any other :class:`~pyro_mm.infer.IncrementalMM` option, except
         ``schedule`` and ``polyak_start`` (there is no step size and nothing to average) and
         distributed fitting (one process holds the table).
     """
 
-    def __init__(self, model, **options):
+    def __init__(self, model, *, inner_steps: int = 1, **options):
+        if isinstance(inner_steps, bool) or int(inner_steps) != inner_steps or inner_steps < 1:
+            raise ValueError(f"inner_steps must be a positive integer, got {inner_steps!r}")
         for name in ("schedule", "polyak_start"):
             if name in options:
                 raise TypeError(
@@ -60,6 +74,7 @@ class FiniteSumMM(IncrementalMM):
         elif options["process_group"] is not False:
             raise ValueError("FiniteSumMM runs in one process (it keeps every batch's statistics)")
         super().__init__(model, **options)
+        self.inner_steps = int(inner_steps)
         #: ``{key: (statistics, rows)}`` of the batches seen, each at its last anchor.
         self.batch_statistics = {}
         self._total, self._total_rows, self._pending, self._key = None, 0, None, None
@@ -78,6 +93,10 @@ class FiniteSumMM(IncrementalMM):
         :param key: a hashable plain value (``int`` or ``str``) naming the batch; its statistics
             replace those stored under the same key.
         :returns: the batch's mean NLL at the parameters the step was given.
+
+        With ``inner_steps > 1`` each iteration on the batch commits its own change: the
+        batch's checks run in the first, so a later one can fail only on an overflowing update,
+        and the earlier ones then stay in place.
         """
         if key is None or not isinstance(key, (int, str)) or isinstance(key, bool):
             raise TypeError(f"FiniteSumMM.step needs the batch's key (an int or str), got {key!r}")
@@ -126,6 +145,16 @@ class FiniteSumMM(IncrementalMM):
         return tree_map(lambda t: t / rows, total)
 
     def _step(self, x, y) -> float:
+        loss = self._replace_batch(x, y)
+        for _ in range(self.inner_steps - 1):
+            self._replace_batch(x, y)
+        # The repetitions reuse the batch: it counts once as a step and in the samples seen.
+        self.num_steps -= self.inner_steps - 1
+        self.samples_seen -= (self.inner_steps - 1) * self.batch_statistics[self._key][1]
+        return loss
+
+    def _replace_batch(self, x, y) -> float:
+        """One MISO step: the batch's term re-anchored at the iterate, the surrogate minimised."""
         self._pending = None
         loss = super()._step(x, y)
         batch_stats, num_rows, total, rows = self._pending
@@ -134,7 +163,9 @@ class FiniteSumMM(IncrementalMM):
         return loss
 
     def _options(self) -> dict:
-        return {**super()._options(), "algorithm": "finite-sum"}
+        # Stored only when not the default, so states saved before the option existed load.
+        inner = {} if self.inner_steps == 1 else {"inner_steps": self.inner_steps}
+        return {**super()._options(), "algorithm": "finite-sum", **inner}
 
     def state_dict(self) -> dict:
         """:meth:`IncrementalMM.state_dict` plus the stored batch statistics (with their keys
