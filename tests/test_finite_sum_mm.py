@@ -67,6 +67,19 @@ def _penalty(fs: FiniteSumMM, params: MoEParams) -> torch.Tensor:
     )
 
 
+def _assert_surrogate_majorises(fs, model, x, y, anchors, losses) -> float:
+    """The full-data MISO surrogate ``G_n(theta) = sum_b w_b [f_b(theta_b) + V(theta; S_b) -
+    V(theta_b; S_b) + pen(theta_b)]`` at the iterate, from the batches' anchors ``theta_b``
+    and their losses ``f_b(theta_b)``; asserts it is above the penalised objective there."""
+    theta, value = fs.params, 0.0
+    for b, (stats, rows) in fs.batch_statistics.items():
+        constant = losses[b] + _penalty(fs, anchors[b]) - _surrogate_values(fs, anchors[b], stats)
+        value = value + rows / len(x) * (constant + _surrogate_values(fs, theta, stats))
+    nll = -model.log_prob(x, y).mean()
+    assert nll + _penalty(fs, theta) <= value + 1e-10
+    return float(value)
+
+
 def test_the_full_data_surrogate_never_increases_and_majorises_the_objective():
     """MISO: G_n(theta) = sum_b w_b [f_b(theta_b) + V(theta; S_b) - V(theta_b; S_b) + pen(theta_b)]
     majorises the penalised objective F, and G_n(theta_{n+1}) is non-increasing once every batch
@@ -83,16 +96,7 @@ def test_the_full_data_surrogate_never_increases_and_majorises_the_objective():
             losses[key] = fs.step(xb, yb, key)
             if len(anchors) < len(batches):
                 continue
-            theta = fs.params
-            value = 0.0
-            for b, (stats, rows) in fs.batch_statistics.items():
-                weight = rows / num_rows
-                constant = losses[b] + _penalty(fs, anchors[b])
-                constant = constant - _surrogate_values(fs, anchors[b], stats)
-                value = value + weight * (constant + _surrogate_values(fs, theta, stats))
-            nll = -model.log_prob(x, y).mean()
-            assert nll + _penalty(fs, theta) <= value + 1e-10
-            values.append(float(value))
+            values.append(_assert_surrogate_majorises(fs, model, x, y, anchors, losses))
     assert all(b <= a + 1e-10 for a, b in zip(values, values[1:]))
     assert values[-1] < values[0]
 
@@ -114,17 +118,7 @@ def test_repeating_a_batch_keeps_the_surrogate_a_non_increasing_majoriser():
                 losses[key] = fs.step(xb, yb, key)
                 if len(anchors) < len(batches):
                     continue
-                theta = fs.params
-                value = 0.0
-                for b, (stats, rows) in fs.batch_statistics.items():
-                    constant = losses[b] + _penalty(fs, anchors[b])
-                    constant = constant - _surrogate_values(fs, anchors[b], stats)
-                    value = value + rows / num_rows * (
-                        constant + _surrogate_values(fs, theta, stats)
-                    )
-                nll = -model.log_prob(x, y).mean()
-                assert nll + _penalty(fs, theta) <= value + 1e-10
-                values.append(float(value))
+                values.append(_assert_surrogate_majorises(fs, model, x, y, anchors, losses))
     assert all(b <= a + 1e-10 for a, b in zip(values, values[1:]))
     assert values[-1] < values[0]
 
