@@ -86,7 +86,7 @@ from pyro_mm import (
     PowerDecay,
 )
 from pyro_mm.datasets.synthetic import multinomial_moe_truth, sample_multinomial_moe
-from pyro_mm.infer.compare import Method, fit_method, tune_learning_rate
+from pyro_mm.infer.compare import Method, fit_method, tune_learning_rate, validation_split
 from pyro_mm.infer.svi_fit import SVIFit
 from pyro_mm.init import kmeans_init
 from pyro_mm.metrics import mean_nll
@@ -297,7 +297,7 @@ def choose_l2(make_model, x, y, *, init_params, grid, seed: int, max_iter: int):
 
     :returns: ``(lambda, {"grid": ..., "validation_nll": ..., "em_iterations": ...})``.
     """
-    fit_rows, valid_rows = validation_split(len(x), seed)
+    fit_rows, valid_rows = validation_split(len(x), seed=seed)
     scores, iterations = [], []
     for l2 in grid:
         model = make_model().double()
@@ -316,27 +316,18 @@ def choose_l2(make_model, x, y, *, init_params, grid, seed: int, max_iter: int):
     }
 
 
-def validation_split(num_rows: int, seed: int):
-    """``(fit_rows, valid_rows)``: the split of
-    :func:`~pyro_mm.infer.compare.tune_learning_rate` (rows shuffled with ``seed``, the last 20%
-    held out)."""
-    num_valid = max(1, int(round(0.2 * num_rows)))
-    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
-    return order[:-num_valid], order[-num_valid:]
-
-
 def choose_finite_sum_options(
     candidates: Dict[tuple, Method], make_model, x, y, *, init_params, batch_size, epochs, seed
 ):
     """FiniteSumMM's expert bound and inner steps: the candidate with the lowest validation
     NLL, each fitted with the final fit's budget on the rows of the step sizes' split
-    (:func:`validation_split`). FiniteSumMM has no step size.
+    (:func:`~pyro_mm.infer.compare.validation_split`). FiniteSumMM has no step size.
 
     :param dict candidates: ``{(expert bound, inner steps): Method}``.
     :returns: ``((bound, inner steps), {"candidates": ..., "validation_nll": ...,
         "expert_bound": ..., "inner_steps": ...})``.
     """
-    fit_rows, valid_rows = validation_split(len(x), seed)
+    fit_rows, valid_rows = validation_split(len(x), seed=seed)
     scores = []
     for method in candidates.values():
         model, _, _, _ = fit_method(

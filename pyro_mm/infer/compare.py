@@ -29,6 +29,7 @@ __all__ = [
     "run_fit",
     "fit_method",
     "tune_learning_rate",
+    "validation_split",
     "compare_methods",
 ]
 
@@ -173,6 +174,20 @@ def fit_method(
     return model, history, time.perf_counter() - start, [str(w.message) for w in caught]
 
 
+def validation_split(num_rows: int, validation_fraction: float = 0.2, seed: int = 0):
+    """``(fit_rows, valid_rows)``: the row indices shuffled with ``seed``, the last
+    ``validation_fraction`` of them held out (at least one row), as
+    :func:`tune_learning_rate` splits its data.
+
+    :raises ValueError: when fewer than two rows would be left to fit on.
+    """
+    num_valid = max(1, int(round(validation_fraction * num_rows)))
+    if num_rows - num_valid < 2:
+        raise ValueError(f"{num_rows} rows are too few to hold out a validation split")
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    return order[:-num_valid], order[-num_valid:]
+
+
 def tune_learning_rate(
     method: Method,
     make_model: Callable,
@@ -202,11 +217,7 @@ def tune_learning_rate(
         raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction!r}")
     x = torch.as_tensor(x)
     y = torch.as_tensor(y)
-    num_valid = max(1, int(round(validation_fraction * len(x))))
-    if len(x) - num_valid < 2:
-        raise ValueError(f"{len(x)} rows are too few to hold out a validation split")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    fit_rows, valid_rows = order[:-num_valid], order[-num_valid:]
+    fit_rows, valid_rows = validation_split(len(x), validation_fraction, seed)
     scores, failures = [], {}
     for learning_rate in method.learning_rates:
         try:
