@@ -463,16 +463,16 @@ def run_repetition(data: Dataset, seed: int, args, tuned: Dict[str, float] = Non
         print(f"  {data.name:>14} seed {seed} L2 {l2:g}: {searches['L2']}", flush=True)
     methods = build_methods(l2, mirror_batch_size, seed, data.num_experts)
     # Every step-size search runs on the same rows, start and budget.
-    tune = functools.partial(
-        tune_learning_rate,
-        make_model=make_model,
-        x=data.x_train,
-        y=data.y_train,
-        init_params=init_params,
-        batch_size=batch_size,
-        epochs=epochs,
-        seed=seed,
-    )
+    # The training data and budget every fit, search and choice of this repetition shares.
+    setting = {
+        "make_model": make_model,
+        "x": data.x_train,
+        "y": data.y_train,
+        "init_params": init_params,
+        "batch_size": batch_size,
+        "epochs": epochs,
+    }
+    tune = functools.partial(tune_learning_rate, **setting, seed=seed)
     candidates = [m for m in methods if m.name.startswith("IncrementalMM[")]
     if tuned is None:
         for method in candidates:
@@ -509,12 +509,7 @@ def run_repetition(data: Dataset, seed: int, args, tuned: Dict[str, float] = Non
                 for bound in MM_EXPERT_BOUNDS
                 for inner in FINITE_SUM_INNER_STEPS
             },
-            make_model,
-            data.x_train,
-            data.y_train,
-            init_params=init_params,
-            batch_size=batch_size,
-            epochs=epochs,
+            **setting,
             seed=seed,
         )
     else:
@@ -533,16 +528,7 @@ def run_repetition(data: Dataset, seed: int, args, tuned: Dict[str, float] = Non
             search = tune(method)
             searches[method.name] = dataclasses.asdict(search)
             learning_rate = search.best
-        model, history, seconds, caught = fit_method(
-            method,
-            make_model,
-            data.x_train,
-            data.y_train,
-            init_params=init_params,
-            batch_size=batch_size,
-            epochs=epochs,
-            learning_rate=learning_rate,
-        )
+        model, history, seconds, caught = fit_method(method, **setting, learning_rate=learning_rate)
         rows.append(
             {
                 "method": method.name,
