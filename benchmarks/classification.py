@@ -86,7 +86,13 @@ from pyro_mm import (
     PowerDecay,
 )
 from pyro_mm.datasets.synthetic import multinomial_moe_truth, sample_multinomial_moe
-from pyro_mm.infer.compare import Method, fit_method, tune_learning_rate, validation_split
+from pyro_mm.infer.compare import (
+    Method,
+    fit_method,
+    tune_learning_rate,
+    validation_nll,
+    validation_split,
+)
 from pyro_mm.infer.svi_fit import SVIFit
 from pyro_mm.init import kmeans_init
 from pyro_mm.metrics import mean_nll
@@ -327,19 +333,20 @@ def choose_finite_sum_options(
     :returns: ``((bound, inner steps), {"candidates": ..., "validation_nll": ...,
         "expert_bound": ..., "inner_steps": ...})``.
     """
-    fit_rows, valid_rows = validation_split(len(x), seed=seed)
-    scores = []
-    for method in candidates.values():
-        model, _, _, _ = fit_method(
+    split = validation_split(len(x), seed=seed)
+    scores = [
+        validation_nll(
             method,
             make_model,
-            x[fit_rows],
-            y[fit_rows],
+            x,
+            y,
+            split,
             init_params=init_params,
             batch_size=batch_size,
             epochs=epochs,
         )
-        scores.append(mean_nll(model, x[valid_rows], y[valid_rows]))
+        for method in candidates.values()
+    ]
     options = list(candidates)
     best = options[min(range(len(options)), key=scores.__getitem__)]
     return best, {

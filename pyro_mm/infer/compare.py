@@ -30,6 +30,7 @@ __all__ = [
     "fit_method",
     "tune_learning_rate",
     "validation_split",
+    "validation_nll",
     "compare_methods",
 ]
 
@@ -188,6 +189,18 @@ def validation_split(num_rows: int, validation_fraction: float = 0.2, seed: int 
     return order[:-num_valid], order[-num_valid:]
 
 
+def validation_nll(method: Method, make_model: Callable, x, y, split, **fit_options) -> float:
+    """The mean NLL of the held-out rows after fitting ``method`` on the others.
+
+    :param tuple split: ``(fit_rows, valid_rows)``, e.g. from :func:`validation_split`.
+    :param fit_options: keyword arguments of :func:`fit_method` (``init_params``,
+        ``batch_size``, ``epochs``, ``learning_rate``, ...).
+    """
+    fit_rows, valid_rows = split
+    model, _, _, _ = fit_method(method, make_model, x[fit_rows], y[fit_rows], **fit_options)
+    return mean_nll(model, x[valid_rows], y[valid_rows])
+
+
 def tune_learning_rate(
     method: Method,
     make_model: Callable,
@@ -221,18 +234,18 @@ def tune_learning_rate(
     scores, failures = [], {}
     for learning_rate in method.learning_rates:
         try:
-            model, _, _, _ = fit_method(
+            score = validation_nll(
                 method,
                 make_model,
-                x[fit_rows],
-                y[fit_rows],
+                x,
+                y,
+                (fit_rows, valid_rows),
                 init_params=init_params,
                 batch_size=batch_size,
                 epochs=epochs,
                 learning_rate=learning_rate,
                 progress=progress,
             )
-            score = mean_nll(model, x[valid_rows], y[valid_rows])
         except (FloatingPointError, ValueError) as err:
             # Only divergence is expected here; both errors are raised before a bad update.
             failures[float(learning_rate)] = str(err)
