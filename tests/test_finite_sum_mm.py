@@ -37,20 +37,23 @@ def _max_difference(a: MoEParams, b: MoEParams) -> float:
     )
 
 
+def _models_at(params: MoEParams, count: int) -> list:
+    """``count`` separate MultinomialMoE(3, 2, 3) models, each holding ``params``."""
+    models = [MultinomialMoE(3, 2, 3).double() for _ in range(count)]
+    for model in models:
+        model.set_params(params)
+    return models
+
+
 def test_one_batch_of_all_rows_is_batch_mm():
     x, y = _data()
-    params = _start(x, y).get_params()
-    finite, batch = MultinomialMoE(3, 2, 3).double(), MultinomialMoE(3, 2, 3).double()
-    finite.set_params(params)
-    batch.set_params(params)
+    finite, batch, again = _models_at(_start(x, y).get_params(), 3)
     fs = FiniteSumMM(finite, ridge=RIDGE, init="current")
     mm = batch_mm(batch, ridge=RIDGE, init="current")
     for _ in range(4):
         assert fs.step(x, y, 0) == pytest.approx(mm.step(x, y), rel=1e-12)
     assert _max_difference(fs.params, mm.params) < 1e-10
     # fit with batch_size = all rows does the same
-    again = MultinomialMoE(3, 2, 3).double()
-    again.set_params(params)
     FiniteSumMM(again, ridge=RIDGE, init="current").fit(x, y, batch_size=len(x), epochs=4)
     assert _max_difference(again.get_params(), mm.params) < 1e-10
 
@@ -107,10 +110,7 @@ def test_the_full_data_surrogate_never_increases_and_majorises_the_objective(pas
 
 def test_inner_steps_repeat_the_batch_step_and_count_its_samples_once():
     x, y = _data()
-    params = _start(x, y).get_params()
-    repeated, plain = MultinomialMoE(3, 2, 3).double(), MultinomialMoE(3, 2, 3).double()
-    repeated.set_params(params)
-    plain.set_params(params)
+    repeated, plain, again = _models_at(_start(x, y).get_params(), 3)
     inner = FiniteSumMM(repeated, ridge=RIDGE, init="current", inner_steps=3)
     once = FiniteSumMM(plain, ridge=RIDGE, init="current")
     batches = [(x[i : i + 60], y[i : i + 60]) for i in range(0, len(x), 60)]
@@ -123,8 +123,6 @@ def test_inner_steps_repeat_the_batch_step_and_count_its_samples_once():
     assert _max_difference(inner.params, once.params) == 0.0
     assert inner.samples_seen == 2 * len(x) and inner.num_steps == 2 * len(batches)
     # the fit loop sees one step per batch
-    again = MultinomialMoE(3, 2, 3).double()
-    again.set_params(params)
     history = FiniteSumMM(again, ridge=RIDGE, init="current", inner_steps=3).fit(
         x, y, batch_size=60, epochs=2, progress=False
     )
