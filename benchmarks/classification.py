@@ -35,8 +35,7 @@ Protocol, per data set and repetition ``s`` (``--repetitions`` seeds from ``--se
   involved), before the step sizes are tuned, and reused (``--l2`` fixes it instead);
 * methods: incremental MM in two forms, (a) ``FiniteSumMM`` (:class:`pyro_mm.FiniteSumMM`:
   the statistics of each mini-batch are kept and replaced when the batch comes again, so after
-  one pass the surrogate majorises the full-data objective; no step size; the acceptance is
-  checked on it) and (b) ``IncrementalMM`` (stochastic approximation of the statistics with
+  one pass the surrogate majorises the full-data objective; no step size) and (b) ``IncrementalMM`` (stochastic approximation of the statistics with
   the step ``gamma`` constant over the first half of the steps, then decaying as
   ``gamma (n_half / n)^0.75`` (:class:`pyro_mm.ConstantThenDecay`), the iterates
   Polyak-averaged over the last quarter of the steps);
@@ -158,8 +157,9 @@ MM_DECAY_EXPONENT = 0.75
 #: chosen per data set by the validation NLL of the penalised objective's minimiser (EM run to
 #: convergence), see :func:`choose_l2`.
 L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-#: The two incremental-MM rows: the finite-sum variant (:class:`pyro_mm.FiniteSumMM`, the one
-#: the acceptance is stated for) and the stochastic-approximation one (constant step, Polyak).
+#: The two incremental-MM rows, each checked against the acceptance: the finite-sum variant
+#: (:class:`pyro_mm.FiniteSumMM`) and the stochastic-approximation one (the paper's
+#: Algorithm 3, :class:`pyro_mm.IncrementalMM`).
 MM_VARIANTS = ("FiniteSumMM", "IncrementalMM")
 #: Share of incremental MM's steps before the Polyak average starts (the tail, after the
 #: step has decayed for a while, is averaged).
