@@ -35,10 +35,11 @@ Protocol, per data set and repetition ``s`` (``--repetitions`` seeds from ``--se
   involved), before the step sizes are tuned, and reused (``--l2`` fixes it instead);
 * methods: incremental MM in two forms, (a) ``FiniteSumMM`` (:class:`pyro_mm.FiniteSumMM`:
   the statistics of each mini-batch are kept and replaced when the batch comes again, so after
-  one pass the surrogate majorises the full-data objective; no step size) and (b) ``IncrementalMM`` (stochastic approximation of the statistics with
-  the step ``gamma`` constant over the first half of the steps, then decaying as
-  ``gamma (n_half / n)^0.75`` (:class:`pyro_mm.ConstantThenDecay`), the iterates
-  Polyak-averaged over the last quarter of the steps);
+  one pass the surrogate majorises the full-data objective; no step size) and (b)
+  ``IncrementalMM`` (stochastic approximation of the statistics with the step ``gamma``
+  constant over the first half of the steps, then decaying as ``gamma (n_half / n)^0.75``
+  (:class:`pyro_mm.ConstantThenDecay`), the iterates Polyak-averaged over the last quarter of
+  the steps);
   each with the expert bound of :data:`MM_EXPERT_BOUNDS` chosen on the validation split
   (for (b) with its step, for (a) with its number of MM iterations per batch from
   :data:`FINITE_SUM_INNER_STEPS`, :func:`choose_finite_sum_options`), Jaakkola-Jordan for
