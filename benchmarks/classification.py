@@ -839,8 +839,8 @@ def main(argv=None):
         f"{1 - POLYAK_FRACTION:g} of its steps, expert "
         "softmax bound chosen on the validation split with gamma (validation NLL per bound "
         "below each table). FiniteSumMM: incremental MM whose mini-batches' statistics are kept "
-        "and replaced when a batch comes again (no step size), with its own expert bound and number "
-        "of MM iterations per batch (each re-anchoring only that batch's term; its samples "
+        "and replaced when a batch comes again (no step size), with its own expert bound and "
+        "number of MM iterations per batch (each re-anchoring only that batch's term; its samples "
         "count once) chosen on the validation split.\n" + table + f"\n\n{machine}\n"
     )
     os.makedirs(RESULTS_DIR, exist_ok=True)
