@@ -165,13 +165,33 @@ def test_stochastic_mirror_descent_over_a_stream_approaches_the_truth():
     assert len(md.fit(x, y, epochs=2, progress=False)) == 8
 
 
-def test_multinomial_experts_take_a_monotone_mm_step_on_the_mirror_objective():
+def _multinomial_losses(expert_bound, num_steps=15):
     truth = multinomial_moe_truth(2, 2, 3, seed=0)
     x, y = sample_multinomial_moe(truth, 1000, seed=1)
-    md = MirrorDescentEM(MultinomialMoE(2, 2, 3), step_size=0.5)
-    losses = [md.step(x, y) for _ in range(15)] + [md.evaluate_loss(x, y)]
+    md = MirrorDescentEM(MultinomialMoE(2, 2, 3), step_size=0.5, expert_bound=expert_bound)
+    return [md.step(x, y) for _ in range(num_steps)] + [md.evaluate_loss(x, y)]
+
+
+@pytest.mark.parametrize("expert_bound", [None, "paper", "jebara-choromanska"])
+def test_multinomial_experts_take_a_monotone_mm_step_on_the_mirror_objective(expert_bound):
+    losses = _multinomial_losses(expert_bound)
     assert torch.tensor(losses).diff().max() <= 1e-10
     assert losses[-1] < losses[0] - 0.01
+
+
+def test_expert_bound_reaches_the_softmax_experts_and_is_refused_elsewhere():
+    md = MirrorDescentEM(MultinomialMoE(2, 2, 3), expert_bound="jebara-choromanska")
+    assert md.expert_surrogate.bound == "jebara-choromanska"
+    assert MirrorDescentEM(MultinomialMoE(2, 2, 3)).expert_surrogate.bound == "bohning"
+    assert md.state_dict()["options"]["expert_bound"] == "jebara-choromanska"
+    with pytest.raises(ValueError, match="does not match"):
+        MirrorDescentEM(MultinomialMoE(2, 2, 3)).load_state_dict(md.state_dict())
+    with pytest.raises(ValueError, match="expert_bound applies to experts with a softmax"):
+        MirrorDescentEM(GaussianMoE(2, 2), expert_bound="bohning")
+    with pytest.raises(ValueError, match="unknown softmax bound"):
+        MirrorDescentEM(MultinomialMoE(2, 2, 3), expert_bound="tight")
+    # The per-sample bound is tighter where the experts are confident: the same steps go further.
+    assert _multinomial_losses("jebara-choromanska")[-1] < _multinomial_losses(None)[-1]
 
 
 def test_bad_input_is_rejected_before_any_state_change():

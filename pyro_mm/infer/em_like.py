@@ -9,7 +9,7 @@ from ..init import check_init, initial_params
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_leaves, tree_to
 from ..surrogates.mixture import e_step
-from ..surrogates.registry import expert_surrogate_for, gate_surrogate_for
+from ..surrogates.registry import expert_surrogate_with_bound, gate_surrogate_for
 from .batches import iterate_batches
 from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
@@ -100,6 +100,8 @@ class EMLikeInference:
         :func:`pyro_mm.init.initial_params`.
     :param int seed: seed of the K-means initialisation.
     :param torch.dtype dtype: dtype of the parameters and of the computations.
+    :param str expert_bound: for experts with a softmax, the curvature bound of their surrogate
+        (used by the subclasses whose expert step is an MM step; ``None``: the block's default).
     """
 
     #: label of the progress bar.
@@ -117,13 +119,15 @@ class EMLikeInference:
         init: str,
         seed: int,
         dtype: torch.dtype,
+        expert_bound: str = None,
     ):
         check_fit_setup(
             model, self.name, init=init, ridge=ridge, variance_floor=variance_floor, dtype=dtype
         )
-        self.expert_surrogate = expert_surrogate_for(
-            model, ridge=ridge, variance_floor=variance_floor
+        self.expert_surrogate = expert_surrogate_with_bound(
+            model, expert_bound, ridge=ridge, variance_floor=variance_floor
         )
+        self.expert_bound = expert_bound
         #: the gate block of the model's gate (exact M-step, log-probabilities).
         self.gate_surrogate = gate_surrogate_for(model)
         self.model = model.to(dtype)

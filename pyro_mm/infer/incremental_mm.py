@@ -10,8 +10,7 @@ from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_leaves, tree_map, tree_to
 from ..surrogates.mixture import mixture_statistics, solve_mixture
 from ..surrogates.registry import (
-    expert_surrogate_for,
-    expert_surrogate_options,
+    expert_surrogate_with_bound,
     fused_statistics_for,
     gate_surrogate_for,
 )
@@ -182,15 +181,10 @@ class IncrementalMM:
                 f"{type(self.gate_surrogate).__name__} has no penalised solve"
             )
         self.curvature = self.gate_surrogate.curvature(model.num_experts, gate_bound, dtype)
-        options = {"penalty": penalty, "variance_prior": variance_prior, "bound": expert_bound}
+        options = {"penalty": penalty, "variance_prior": variance_prior}
         options = {name: value for name, value in options.items() if value is not None}
-        if expert_bound is not None and "bound" not in expert_surrogate_options(model):
-            raise ValueError(
-                f"expert_bound applies to experts with a softmax (MultinomialMoE); the experts "
-                f"of {type(model).__name__} have no softmax bound"
-            )
-        self.expert_surrogate = expert_surrogate_for(
-            model, ridge=ridge, variance_floor=variance_floor, **options
+        self.expert_surrogate = expert_surrogate_with_bound(
+            model, expert_bound, ridge=ridge, variance_floor=variance_floor, **options
         )
         self.expert_bound = expert_bound
         self._fused_statistics = fused_statistics_for(

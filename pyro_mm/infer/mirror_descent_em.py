@@ -87,13 +87,16 @@ class MirrorDescentEM(EMLikeInference):
     :param float gate_ridge: ridge on the gate weights in the gate step.
     :param float gate_tol: gradient tolerance of the gate's Newton solve.
     :param int gate_max_iter: Newton iteration cap of the gate solve.
+    :param str expert_bound: for experts with a softmax (``MultinomialMoE``), the curvature bound
+        of their MM step: ``"bohning"`` (``None``: the expert block's default), ``"paper"`` or the
+        per-sample ``"jebara-choromanska"``, as in :class:`~pyro_mm.infer.IncrementalMM`.
     :param str init: as in :class:`~pyro_mm.infer.EM`.
     :param int seed: seed of the K-means initialisation.
     :param torch.dtype dtype: dtype of the parameters and computations.
     """
 
     name = "MirrorDescentEM"
-    option_names = ("gate_options",)
+    option_names = ("gate_options", "expert_bound")
 
     def __init__(
         self,
@@ -106,6 +109,7 @@ class MirrorDescentEM(EMLikeInference):
         gate_ridge: float = 0.0,
         gate_tol: float = 1e-10,
         gate_max_iter: int = 100,
+        expert_bound: str = None,
         init: str = "auto",
         seed: int = 0,
         dtype: torch.dtype = torch.float64,
@@ -132,6 +136,7 @@ class MirrorDescentEM(EMLikeInference):
             init=init,
             seed=seed,
             dtype=dtype,
+            expert_bound=expert_bound,
         )
         if not hasattr(self.expert_surrogate, "mean_statistics"):
             raise TypeError(

@@ -25,6 +25,7 @@ __all__ = [
     "register_expert_surrogate",
     "expert_surrogate_for",
     "expert_surrogate_options",
+    "expert_surrogate_with_bound",
     "register_gate_surrogate",
     "gate_surrogate_for",
     "fused_statistics_for",
@@ -48,6 +49,23 @@ def expert_surrogate_options(model: MixtureOfExperts) -> frozenset:
     """The names of the options the expert surrogate of ``model`` accepts (e.g. ``"bound"``
     only for experts with a softmax)."""
     return frozenset(inspect.signature(expert_surrogate_class(model)).parameters)
+
+
+def expert_surrogate_with_bound(model: MixtureOfExperts, expert_bound: str = None, **options):
+    """:func:`expert_surrogate_for` with the curvature bound ``expert_bound`` of experts that have
+    a softmax (``None``: the expert block's default).
+
+    :raises ValueError: for a bound given to experts without a softmax (or unknown to them),
+        before anything is built.
+    """
+    if expert_bound is None:
+        return expert_surrogate_for(model, **options)
+    if "bound" not in expert_surrogate_options(model):
+        raise ValueError(
+            f"expert_bound applies to experts with a softmax (MultinomialMoE); the experts "
+            f"of {type(model).__name__} have no softmax bound"
+        )
+    return expert_surrogate_for(model, bound=expert_bound, **options)
 
 
 def expert_surrogate_class(model: MixtureOfExperts) -> type:
