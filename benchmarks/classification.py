@@ -686,7 +686,8 @@ def markdown(results: List[dict], args) -> str:
             "",
             f"### {result['dataset']}: N_train={first['num_train']}, N_test={first['num_test']}, "
             f"P={first['num_features']}, M={first['num_classes']}, K={first['num_experts']}; "
-            f"{first['epochs']} passes, batches of {first['batch_size']} rows "
+            f"{first['epochs']} pass{'' if first['epochs'] == 1 else 'es'}, batches of "
+            f"{first['batch_size']} rows "
             f"(MirrorDescentEM: {first['mirror_batch_size']}); L2 strength {first['l2']:g}"
             + ("" if truth is None else f"; test log-loss of the true parameters {truth:.4f}"),
             "",
