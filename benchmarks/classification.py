@@ -44,15 +44,17 @@ Protocol, per data set and repetition ``s`` (``--repetitions`` seeds from ``--se
   (for (b) with its step, for (a) with its number of MM iterations per batch from
   :data:`FINITE_SUM_INNER_STEPS`, :func:`choose_finite_sum_options`), Jaakkola-Jordan for
   a two-expert gate, else Böhning; EM (exact Newton M-steps),
-  stochastic MirrorDescentEM (``eta_n = n^-alpha``, the package's default expert bound), and
+  stochastic MirrorDescentEM (``eta_n = n^-alpha``; its expert step is an MM step, with the
+  expert bound of :data:`MM_EXPERT_BOUNDS` chosen on the validation split with ``alpha``), and
   SGD, Adam, AdamW and RMSProp (:class:`pyro_mm.infer.svi_fit.SVIFit`: Pyro's ELBO with an
   empty guide, i.e. the mean NLL of each mini-batch, plus the penalty);
 * step sizes: every stochastic method's step-size parameter (the learning rate; ``gamma`` in
   :data:`MM_STEP_GRID` for MM, ``alpha`` in :data:`SCHEDULE_GRID` for MirrorDescentEM) is chosen
   from its grid by the NLL of a 20% validation split of the first repetition's training rows,
   fitted with the same budget and penalty (:func:`pyro_mm.infer.compare.tune_learning_rate`),
-  and reused in the other repetitions; incremental MM's expert bound is chosen with its step,
-  from the same searches (the lowest validation NLL over bounds and steps);
+  and reused in the other repetitions; incremental MM's and MirrorDescentEM's expert bounds
+  are chosen with their steps, from the same searches (the lowest validation NLL over bounds
+  and steps, :data:`BOUND_CHOOSING_METHODS`);
 * also reported: EM run to convergence (``EM (converged)``: its samples seen are larger);
 * metrics on the test rows: accuracy (argmax of ``p(y | x)``), log-loss (mean NLL), the fit's
   wall time (tuning excluded), one thread; mean (sd) over repetitions, and the acceptance checks
@@ -165,9 +167,13 @@ MM_VARIANTS = ("FiniteSumMM", "IncrementalMM")
 #: Share of incremental MM's steps before the Polyak average starts (the tail, after the
 #: step has decayed for a while, is averaged).
 POLYAK_FRACTION = 0.75
-#: Expert bounds incremental MM chooses from on the validation split: the tighter per-sample
-#: Jebara-Choromanska bound fits faster; Böhning's slower steps can overfit less in the budget.
+#: Expert bounds incremental MM (and MirrorDescentEM, whose multinomial expert step is an MM
+#: step) chooses from on the validation split: the tighter per-sample Jebara-Choromanska bound
+#: fits faster; Böhning's slower steps can overfit less in the budget.
 MM_EXPERT_BOUNDS = ("jebara-choromanska", "bohning")
+#: The methods that choose their expert bound from :data:`MM_EXPERT_BOUNDS` with their step size
+#: (FiniteSumMM chooses its own with its inner steps, :func:`choose_finite_sum_options`).
+BOUND_CHOOSING_METHODS = ("IncrementalMM", "MirrorDescentEM")
 #: FiniteSumMM's ``inner_steps`` (MM iterations per batch, each re-anchoring the batch's own
 #: term; the batch's samples count once) it chooses from with its expert bound on the
 #: validation split. On the first repetition's tuning split, 3 iterations lowered FiniteSumMM's
@@ -376,9 +382,9 @@ def choose_finite_sum_options(
     }
 
 
-def mm_method_name(bound: str) -> str:
-    """Name of incremental MM's candidate with the expert bound ``bound`` (tuning only)."""
-    return f"IncrementalMM[{bound}]"
+def candidate_name(method: str, bound: str) -> str:
+    """Name of ``method``'s candidate with the expert bound ``bound`` (tuning only)."""
+    return f"{method}[{bound}]"
 
 
 def mm_gate_bound(num_experts: int) -> str:
@@ -389,9 +395,10 @@ def mm_gate_bound(num_experts: int) -> str:
 
 def build_methods(l2: float, mirror_batch_size: int, seed: int, num_experts: int) -> List[Method]:
     """The compared methods, as :class:`pyro_mm.infer.compare.Method` s; a method's "learning
-    rate" is its step-size parameter (MM's constant step, MirrorDescentEM's exponent). Incremental
-    MM comes once per expert bound of :data:`MM_EXPERT_BOUNDS` (:func:`mm_method_name`); the
-    caller keeps the one with the lowest validation NLL under the name ``"IncrementalMM"``.
+    rate" is its step-size parameter (MM's constant step, MirrorDescentEM's exponent). Each of
+    :data:`BOUND_CHOOSING_METHODS` comes once per expert bound of :data:`MM_EXPERT_BOUNDS`
+    (:func:`candidate_name`); the caller keeps the one with the lowest validation NLL under the
+    method's own name.
 
     :param float l2: the L2 strength ``lambda`` every method's objective carries.
     :param int mirror_batch_size: MirrorDescentEM's rows per step.
@@ -416,9 +423,14 @@ def build_methods(l2: float, mirror_batch_size: int, seed: int, num_experts: int
 
         return build
 
-    def mirror_descent(model, alpha):
-        fitter = MirrorDescentEM(model, PowerDecay(1.0, alpha), ridge=l2, gate_ridge=l2)
-        return OwnBatchSize(fitter, mirror_batch_size)
+    def mirror_descent(bound):
+        def build(model, alpha):
+            fitter = MirrorDescentEM(
+                model, PowerDecay(1.0, alpha), ridge=l2, gate_ridge=l2, expert_bound=bound
+            )
+            return OwnBatchSize(fitter, mirror_batch_size)
+
+        return build
 
     def gradient(optimizer):
         def build(model, learning_rate):
@@ -433,12 +445,13 @@ def build_methods(l2: float, mirror_batch_size: int, seed: int, num_experts: int
         return build
 
     methods = [
-        Method(mm_method_name(bound), incremental_mm(bound), learning_rates=MM_STEP_GRID)
+        Method(candidate_name("IncrementalMM", bound), incremental_mm(bound), MM_STEP_GRID)
         for bound in MM_EXPERT_BOUNDS
     ]
+    methods.append(Method("EM", lambda model: EM(model, ridge=l2, gate_ridge=l2)))
     methods += [
-        Method("EM", lambda model: EM(model, ridge=l2, gate_ridge=l2)),
-        Method("MirrorDescentEM", mirror_descent, learning_rates=SCHEDULE_GRID),
+        Method(candidate_name("MirrorDescentEM", bound), mirror_descent(bound), SCHEDULE_GRID)
+        for bound in MM_EXPERT_BOUNDS
     ]
     for name, (optimizer, grid) in GRADIENT_GRIDS.items():
         methods.append(Method(name, gradient(optimizer), learning_rates=grid))
@@ -499,20 +512,22 @@ def run_repetition(data: Dataset, seed: int, args, tuned: Dict[str, float] = Non
         "epochs": epochs,
     }
     tune = functools.partial(tune_learning_rate, **setting, seed=seed)
-    candidates = [m for m in methods if m.name.startswith("IncrementalMM[")]
-    if tuned is None:
-        for method in candidates:
-            search = tune(method)
-            searches[method.name] = dataclasses.asdict(search)
-        chosen = min(candidates, key=lambda m: min(searches[m.name]["validation_nll"]))
-        searches["IncrementalMM"] = {
-            **searches[chosen.name],
-            "expert_bound": chosen.name[len("IncrementalMM[") : -1],
-        }
-        mm_bound, mm_step = chosen.name[len("IncrementalMM[") : -1], searches[chosen.name]["best"]
-    else:
-        mm_bound, mm_step = tuned["IncrementalMM expert bound"], tuned["IncrementalMM"]
-    mm = next(m for m in candidates if m.name == mm_method_name(mm_bound))
+    # Each bound-choosing method: its (expert bound, step) with the lowest validation NLL.
+    bounds, steps, chosen = {}, {}, {}
+    for family in BOUND_CHOOSING_METHODS:
+        candidates = {m.name: m for m in methods if m.name.startswith(family + "[")}
+        if tuned is None:
+            for name, method in candidates.items():
+                searches[name] = dataclasses.asdict(tune(method))
+            best = min(candidates, key=lambda name: min(searches[name]["validation_nll"]))
+            bounds[family] = best[len(family) + 1 : -1]
+            searches[family] = {**searches[best], "expert_bound": bounds[family]}
+            steps[family] = searches[best]["best"]
+        else:
+            bounds[family], steps[family] = tuned[f"{family} expert bound"], tuned[family]
+        chosen[family] = dataclasses.replace(
+            candidates[candidate_name(family, bounds[family])], name=family
+        )
     gate_bound = mm_gate_bound(data.num_experts)
 
     def finite_sum(bound, inner_steps):
@@ -541,15 +556,18 @@ def run_repetition(data: Dataset, seed: int, args, tuned: Dict[str, float] = Non
     else:
         finite_sum_bound = tuned["FiniteSumMM expert bound"]
         inner_steps = tuned["FiniteSumMM inner steps"]
-    bounds = {"FiniteSumMM": finite_sum_bound, "IncrementalMM": mm_bound}
-    methods = [
-        finite_sum(finite_sum_bound, inner_steps),
-        dataclasses.replace(mm, name="IncrementalMM"),
-    ] + [m for m in methods if m not in candidates]
+    bounds["FiniteSumMM"] = finite_sum_bound
+    # In the order of build_methods, each bound-choosing method in its first candidate's place.
+    ordered = [finite_sum(finite_sum_bound, inner_steps)]
     for method in methods:
-        learning_rate = (tuned or {}).get(method.name)
-        if method.name == "IncrementalMM":
-            learning_rate = mm_step
+        family = method.name.split("[")[0]
+        if family not in chosen:
+            ordered.append(method)
+        elif chosen[family] not in ordered:
+            ordered.append(chosen[family])
+    methods = ordered
+    for method in methods:
+        learning_rate = steps.get(method.name, (tuned or {}).get(method.name))
         if method.learning_rates and learning_rate is None:
             search = tune(method)
             searches[method.name] = dataclasses.asdict(search)
@@ -641,9 +659,8 @@ def run_dataset(name: str, args) -> dict:
                 for row in repetition["rows"]
                 if row.get("learning_rate") is not None
             }
-            tuned["IncrementalMM expert bound"] = repetition["searches"]["IncrementalMM"][
-                "expert_bound"
-            ]
+            for family in BOUND_CHOOSING_METHODS:
+                tuned[f"{family} expert bound"] = repetition["searches"][family]["expert_bound"]
             finite_sum = repetition["searches"]["FiniteSumMM"]
             tuned["FiniteSumMM expert bound"] = finite_sum["expert_bound"]
             tuned["FiniteSumMM inner steps"] = finite_sum["inner_steps"]
@@ -705,10 +722,10 @@ def markdown(results: List[dict], args) -> str:
                 step = f"{chosen:g} ({', '.join(f'{v:g}' for v in search['grid'])})"
                 if chosen in (search["grid"][0], search["grid"][-1]):
                     step += " at the grid's end"
-                if method == "MirrorDescentEM":
-                    step = "alpha " + step
-                if method == "IncrementalMM":
-                    step = f"gamma {step}, {search['expert_bound']} expert bound"
+                if method in BOUND_CHOOSING_METHODS:
+                    step = "gamma " + step if method == "IncrementalMM" else "alpha " + step
+                    if "expert_bound" in search:  # not in results from before the choice
+                        step += f", {search['expert_bound']} expert bound"
             if method == "FiniteSumMM":
                 step = (
                     f"{result['tuned']['FiniteSumMM expert bound']} expert bound, "
@@ -723,17 +740,8 @@ def markdown(results: List[dict], args) -> str:
         for variant in MM_VARIANTS:
             lines += _acceptance_lines(result, variant)
         lines += [
-            "",
-            "Incremental MM's validation NLL per gamma "
-            f"({', '.join(f'{v:g}' for v in MM_STEP_GRID)}) and expert bound: "
-            + "; ".join(
-                f"{bound} "
-                + ", ".join(
-                    f"{v:.4f}" for v in result["searches"][mm_method_name(bound)]["validation_nll"]
-                )
-                for bound in MM_EXPERT_BOUNDS
-            )
-            + ".",
+            *_bound_search_lines(result, "Incremental MM", "IncrementalMM", "gamma"),
+            *_bound_search_lines(result, "MirrorDescentEM", "MirrorDescentEM", "alpha"),
             "",
             "FiniteSumMM's validation NLL per expert bound and MM iterations per batch: "
             + ", ".join(
@@ -759,6 +767,24 @@ def markdown(results: List[dict], args) -> str:
                 + ".",
             ]
     return "\n".join(lines)
+
+
+def _bound_search_lines(result: dict, label: str, family: str, step: str) -> List[str]:
+    """The validation NLL of ``family`` per step size and expert bound (when it was searched:
+    results from before MirrorDescentEM chose its bound have no per-bound searches)."""
+    searches = [result["searches"].get(candidate_name(family, b)) for b in MM_EXPERT_BOUNDS]
+    if None in searches:
+        return []
+    return [
+        "",
+        f"{label}'s validation NLL per {step} "
+        f"({', '.join(f'{v:g}' for v in searches[0]['grid'])}) and expert bound: "
+        + "; ".join(
+            f"{bound} " + ", ".join(f"{v:.4f}" for v in search["validation_nll"])
+            for bound, search in zip(MM_EXPERT_BOUNDS, searches, strict=True)
+        )
+        + ".",
+    ]
 
 
 def _acceptance_lines(result: dict, variant: str) -> List[str]:
