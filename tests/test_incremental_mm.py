@@ -177,19 +177,6 @@ def test_spectral_start_is_offered_to_every_fitting_method():
         assert infer.evaluate_loss(x, y) < GaussianMoE(2, 4).double().log_prob(x, y).neg().mean()
 
 
-def test_expert_bound_option_reaches_softmax_experts_and_is_refused_elsewhere():
-    from pyro_mm import MultinomialMoE
-
-    infer = IncrementalMM(MultinomialMoE(2, 3, 4), expert_bound="jebara-choromanska")
-    assert infer.expert_surrogate.bound == "jebara-choromanska"
-    assert IncrementalMM(MultinomialMoE(2, 3, 4)).expert_surrogate.bound == "bohning"
-    assert infer.state_dict()["options"]["expert_bound"] == "jebara-choromanska"
-    with pytest.raises(ValueError, match="expert_bound applies to experts with a softmax"):
-        IncrementalMM(GaussianMoE(2, 3), expert_bound="bohning")
-    with pytest.raises(ValueError, match="unknown softmax bound"):
-        IncrementalMM(MultinomialMoE(2, 3, 4), expert_bound="tight")
-
-
 @pytest.mark.parametrize(
     "options, message",
     [

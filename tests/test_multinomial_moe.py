@@ -14,6 +14,8 @@ from pyro.infer.autoguide import AutoDelta
 from pyro_mm import (
     EM,
     ConstantStep,
+    FiniteSumMM,
+    GaussianMoE,
     GradientEM,
     IncrementalMM,
     MirrorDescentEM,
@@ -530,6 +532,20 @@ def test_surrogate_options_are_validated_and_registered():
     assert isinstance(tight.curvature(3, torch.float64), JebaraChoromanskaBound)
     with pytest.raises(ValueError, match="no coefficient penalty or variance prior"):
         expert_surrogate_for(model, ridge=1e-4, penalty=object())
+
+
+@pytest.mark.parametrize("fitter", [IncrementalMM, FiniteSumMM, MirrorDescentEM])
+def test_expert_bound_option_reaches_softmax_experts_and_is_refused_elsewhere(fitter):
+    infer = fitter(MultinomialMoE(2, 3, 4), expert_bound="jebara-choromanska")
+    assert infer.expert_surrogate.bound == "jebara-choromanska"
+    assert fitter(MultinomialMoE(2, 3, 4)).expert_surrogate.bound == "bohning"
+    assert infer.state_dict()["options"]["expert_bound"] == "jebara-choromanska"
+    with pytest.raises(ValueError, match="does not match"):
+        fitter(MultinomialMoE(2, 3, 4)).load_state_dict(infer.state_dict())
+    with pytest.raises(ValueError, match="expert_bound applies to experts with a softmax"):
+        fitter(GaussianMoE(2, 3), expert_bound="bohning")
+    with pytest.raises(ValueError, match="unknown softmax bound"):
+        fitter(MultinomialMoE(2, 3, 4), expert_bound="tight")
 
 
 # ---------------------------------------------------------------------- unchanged inference
