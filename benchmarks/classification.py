@@ -787,7 +787,8 @@ def _convergence_cell(result: dict, args) -> str:
         f"converged in {sum(r['converged'] for r in rows)}/{len(rows)} repetitions "
         f"(mean-NLL change < {EM_TOL:g}; cap {args.em_max_iter} iterations)"
     )
-    changes = [r["last_change"] for r in rows if not r["converged"] and "last_change" in r]
+    changes = [r.get("last_change") for r in rows if not r["converged"]]
+    changes = [change for change in changes if change is not None]
     if changes:
         cell += f"; last change at the cap up to {max(changes):.1e}"
     return cell

@@ -53,9 +53,9 @@ def run_dataset(result: dict, args) -> dict:
             MultinomialMoE, data.num_experts, data.x_train.shape[1], data.num_classes
         )
         init_params = kmeans_init(make_model().double(), data.x_train, data.y_train, seed=seed)
-        method = next(
-            m for m in benchmark.build_methods(l2, 1, seed, data.num_experts) if m.name == best
-        )
+        # MirrorDescentEM's batch size (1 here) plays no part in the gradient methods.
+        methods = benchmark.build_methods(l2, 1, seed, data.num_experts)
+        method = next(m for m in methods if m.name == best)
         fits = {}
         for passes in PASSES:
             model, *_ = fit_method(
