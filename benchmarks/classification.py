@@ -322,6 +322,15 @@ def gate_l2_penalty(l2: float) -> CoefficientPenalty:
     return CoefficientPenalty(l2=l2, intercept_column=None)
 
 
+def em_to_convergence(make_model, init_params, l2: float):
+    """``(model, em)``: EM on a fresh model at ``init_params`` for the penalised objective with
+    strength ``l2``, stopping at :data:`EM_TOL` (the ``EM (converged)`` fits and :func:`choose_l2`;
+    the caller runs ``em.fit`` with its iteration cap)."""
+    model = make_model().double()
+    model.set_params(init_params)
+    return model, EM(model, tol=EM_TOL, ridge=l2, gate_ridge=l2, init="current")
+
+
 def choose_l2(make_model, x, y, *, init_params, grid, seed: int, max_iter: int):
     """The L2 strength of :data:`L2_GRID` whose penalised objective generalises best.
 
@@ -335,9 +344,7 @@ def choose_l2(make_model, x, y, *, init_params, grid, seed: int, max_iter: int):
     fit_rows, valid_rows = validation_split(len(x), seed=seed)
     scores, iterations = [], []
     for l2 in grid:
-        model = make_model().double()
-        model.set_params(init_params)
-        em = EM(model, ridge=l2, gate_ridge=l2, init="current")
+        model, em = em_to_convergence(make_model, init_params, l2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             em.fit(x[fit_rows], y[fit_rows], max_iter=max_iter, progress=False)
@@ -594,9 +601,7 @@ def run_repetition(data: Dataset, seed: int, args, tuned: Dict[str, float] = Non
             f"  {data.name:>14} seed {seed} {method.name:>16}: {rows[-1]['log_loss']:.4f}",
             flush=True,
         )
-    converged = make_model().double()
-    converged.set_params(init_params)
-    em = EM(converged, tol=EM_TOL, ridge=l2, gate_ridge=l2, init="current")
+    converged, em = em_to_convergence(make_model, init_params, l2)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

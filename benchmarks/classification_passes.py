@@ -24,7 +24,7 @@ import classification as benchmark
 import numpy as np
 import torch
 
-from pyro_mm import EM, MultinomialMoE
+from pyro_mm import MultinomialMoE
 from pyro_mm.infer.compare import fit_method
 from pyro_mm.init import kmeans_init
 
@@ -69,9 +69,7 @@ def run_dataset(result: dict, args) -> dict:
                 learning_rate=tuned[best],
             )
             fits[f"{best}, {passes} passes"] = model
-        converged = make_model().double()
-        converged.set_params(init_params)
-        em = EM(converged, tol=benchmark.EM_TOL, ridge=l2, gate_ridge=l2, init="current")
+        converged, em = benchmark.em_to_convergence(make_model, init_params, l2)
         em.fit(data.x_train, data.y_train, max_iter=args.em_max_iter, progress=False)
         fits["EM (converged)"] = converged
         repetitions.append(
