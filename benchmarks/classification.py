@@ -658,6 +658,11 @@ def acceptance(log_loss: Dict[str, float], variant: str = "FiniteSumMM") -> dict
     }
 
 
+def method_rows(repetitions: List[dict], method: str) -> List[dict]:
+    """The row of ``method`` in each repetition."""
+    return [next(row for row in rep["rows"] if row["method"] == method) for rep in repetitions]
+
+
 def run_dataset(name: str, args) -> dict:
     """All repetitions of one data set: step sizes tuned on the first, reused on the others."""
     repetitions, tuned = [], None
@@ -679,7 +684,7 @@ def run_dataset(name: str, args) -> dict:
     methods = [row["method"] for row in repetitions[0]["rows"]]
     summary = {}
     for method in methods:
-        rows = [next(r for r in rep["rows"] if r["method"] == method) for rep in repetitions]
+        rows = method_rows(repetitions, method)
         summary[method] = {
             key: (float(np.mean([r[key] for r in rows])), float(np.std([r[key] for r in rows])))
             for key in ("log_loss", "accuracy", "samples_seen")
@@ -784,10 +789,7 @@ def markdown(results: List[dict], args) -> str:
 def _convergence_cell(result: dict, args) -> str:
     """How many repetitions' ``EM (converged)`` met the tolerance before the iteration cap
     (with the last change of the mean NLL where the results record it)."""
-    rows = [
-        next(r for r in rep["rows"] if r["method"] == "EM (converged)")
-        for rep in result["repetitions"]
-    ]
+    rows = method_rows(result["repetitions"], "EM (converged)")
     cell = (
         f"converged in {sum(r['converged'] for r in rows)}/{len(rows)} repetitions "
         f"(mean-NLL change < {EM_TOL:g}; cap {args.em_max_iter} iterations)"
@@ -844,17 +846,12 @@ def _paired_difference_lines(result: dict, variant: str) -> List[str]:
         return []
 
     def log_losses(method):
-        return np.array(
-            [
-                next(r["log_loss"] for r in rep["rows"] if r["method"] == method)
-                for rep in repetitions
-            ]
-        )
+        return np.array([row["log_loss"] for row in method_rows(repetitions, method)])
 
     best_gradient = result["acceptance_on_means"][variant]["best_gradient_method"]
-    cells = []
+    own, cells = log_losses(variant), []
     for reference in (best_gradient, "EM", "EM (converged)"):
-        difference = log_losses(variant) - log_losses(reference)
+        difference = own - log_losses(reference)
         error = difference.std(ddof=1) / np.sqrt(len(difference))
         cells.append(f"{reference} {difference.mean():+.4f} ({error:.4f})")
     return [
