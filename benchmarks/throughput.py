@@ -12,7 +12,8 @@ Measures, in one run, with ``torch.set_num_threads(--threads)`` (default 1: the 
    alternate (medians over the rounds, and the ratio of each round), for IncrementalMM (default options; the first step, which runs the
    K-means initialisation, is excluded) and for Pyro SVI (``Adam(lr=0.01)``, ``Trace_ELBO``, the
    model's own ``forward`` with an empty guide, i.e. maximum likelihood; same batches; its first
-   step, which creates the parameters, excluded; at N = 10^7 SVI is timed over its first 10 s).
+   step, which creates the parameters, excluded; at N = 10^7 SVI is timed over its first 10 s),
+   and Pyro SVI with ``JitTrace_ELBO`` (the same, traced once per batch shape before timing).
    IncrementalMM also in float32.
 2. **Streamed** from a CSV file through :class:`pyro_mm.datasets.csv_stream.CsvBatchStream`
    (pandas ``read_csv`` in chunks of 65536 rows), one subprocess per N: samples/s (parsing
@@ -39,10 +40,11 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import warnings
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
 
 from pyro_mm import GaussianMoE, IncrementalMM
 from pyro_mm.datasets import gaussian_moe_truth, sample_gaussian_moe
@@ -50,6 +52,9 @@ from pyro_mm.datasets import gaussian_moe_truth, sample_gaussian_moe
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MAIN = {"num_experts": 2, "in_features": 10, "batch_size": 4096}
 CSV_CHUNK_ROWS = 1_000_000
+#: Untimed runs of each batch shape before SVI with JitTrace_ELBO is timed: its second run
+#: still took ~50 ms (12x a later one) in a first measurement.
+JIT_WARMUP_RUNS = 3
 
 
 # ------------------------------------------------------------------------------------ data
@@ -86,13 +91,26 @@ def mm_pass(num_experts, x, y, batch_size, dtype=torch.float64, max_seconds=None
     return _timed_pass(infer.step, x, y, batch_size, max_seconds)
 
 
-def svi_pass(num_experts, x, y, batch_size, max_seconds=None):
-    """The same for Pyro SVI (Adam, the model's ``forward``, an empty guide)."""
+def svi_pass(num_experts, x, y, batch_size, max_seconds=None, jit=False):
+    """The same for Pyro SVI (Adam, the model's ``forward``, an empty guide); with ``jit``,
+    ``JitTrace_ELBO`` (the ELBO and its gradient traced with ``torch.jit`` once per batch
+    shape: both shapes of the pass, the full and the last partial batch, are traced and run
+    :data:`JIT_WARMUP_RUNS` times before the timing starts, which favours it)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     model = GaussianMoE(num_experts, x.shape[1], seed=0).double()
-    svi = SVI(model, lambda x, y=None: None, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
-    return _timed_pass(svi.step, x, y, batch_size, max_seconds)
+    elbo = JitTrace_ELBO(ignore_jit_warnings=True) if jit else Trace_ELBO()
+    svi = SVI(model, lambda x, y=None: None, pyro.optim.Adam({"lr": 0.01}), elbo)
+    tail = x.shape[0] % batch_size if jit and not max_seconds else 0
+    with warnings.catch_warnings():
+        # torch.jit's tracer warns about Python values it records as constants (shapes).
+        warnings.simplefilter("ignore")
+        # TorchScript's profiling executor optimises a graph over its first few runs.
+        for _ in range(JIT_WARMUP_RUNS if jit else 0):
+            svi.step(x[:batch_size], y[:batch_size])
+            if tail:
+                svi.step(x[-tail:], y[-tail:])
+        return _timed_pass(svi.step, x, y, batch_size, max_seconds)
 
 
 def _timed_pass(step, x, y, batch_size, max_seconds, min_steps=3):
@@ -315,6 +333,7 @@ def main(argv=None):
     main_rows = []
     for n in sizes:
         x, y = x_all[:n], y_all[:n]
+        svi_seconds = None if n <= 10**6 else 10.0
         rounds = []
         for _ in range(args.rounds):
             rounds.append(
@@ -323,21 +342,24 @@ def main(argv=None):
                     "mm_float32": mm_pass(
                         k_main, x.float(), y.float(), MAIN["batch_size"], dtype=torch.float32
                     ),
-                    "svi": svi_pass(
-                        k_main, x, y, MAIN["batch_size"], max_seconds=None if n <= 10**6 else 10.0
+                    "svi": svi_pass(k_main, x, y, MAIN["batch_size"], max_seconds=svi_seconds),
+                    "svi_jit": svi_pass(
+                        k_main, x, y, MAIN["batch_size"], max_seconds=svi_seconds, jit=True
                     ),
                 }
             )
         row = {"num_rows": n, "rounds": rounds}
         row.update({key: _median_rates([r[key] for r in rounds]) for key in rounds[0]})
         row["wall_ratio_per_round"] = [r["mm"]["wall"] / r["svi"]["wall"] for r in rounds]
+        row["wall_ratio_jit_per_round"] = [r["mm"]["wall"] / r["svi_jit"]["wall"] for r in rounds]
         main_rows.append(row)
         mm, svi = row["mm"], row["svi"]
         print(
             f"main N={n:.0e}, medians of {args.rounds} rounds: MM {mm['wall']:,.0f}/s (fastest "
             f"step {mm['fastest_step']:,.0f}/s; float32 {row['mm_float32']['wall']:,.0f}/s), SVI "
-            f"{svi['wall']:,.0f}/s (fastest step {svi['fastest_step']:,.0f}/s), wall ratio per "
-            f"round {', '.join(f'{v:.1f}x' for v in row['wall_ratio_per_round'])}",
+            f"{svi['wall']:,.0f}/s (fastest step {svi['fastest_step']:,.0f}/s; JIT "
+            f"{row['svi_jit']['wall']:,.0f}/s), wall ratio per round "
+            f"{', '.join(f'{v:.1f}x' for v in row['wall_ratio_per_round'])}",
             flush=True,
         )
     del x_all, y_all
@@ -429,14 +451,20 @@ def render(r):
             ("IncrementalMM float64", "mm"),
             ("IncrementalMM float32", "mm_float32"),
             ("Pyro SVI (Adam)", "svi"),
+            ("Pyro SVI (Adam, JitTrace_ELBO)", "svi_jit"),
         ):
-            lines.append(f"| {row['num_rows']:.0e} | {name} | {_rates(row[key])} |")
-        ratios = [row["mm"][k] / row["svi"][k] for k in ("wall", "median_step", "fastest_step")]
-        lines.append(
-            f"| {row['num_rows']:.0e} | MM / SVI | "
-            + " | ".join(f"{ratio:.1f}x" for ratio in ratios)
-            + " |"
-        )
+            if key in row:
+                lines.append(f"| {row['num_rows']:.0e} | {name} | {_rates(row[key])} |")
+        for name, key in (("MM / SVI", "svi"), ("MM / SVI (JIT)", "svi_jit")):
+            if key in row:
+                ratios = [
+                    row["mm"][k] / row[key][k] for k in ("wall", "median_step", "fastest_step")
+                ]
+                lines.append(
+                    f"| {row['num_rows']:.0e} | {name} | "
+                    + " | ".join(f"{ratio:.1f}x" for ratio in ratios)
+                    + " |"
+                )
     lines += [
         "",
         "Each rate is the median over the rounds; the wall ratio MM / SVI of each round: "
@@ -447,6 +475,16 @@ def render(r):
         )
         + ".",
     ]
+    if "wall_ratio_jit_per_round" in r["main_in_memory"][0]:
+        lines[-1] += (
+            " MM / SVI (JIT): "
+            + "; ".join(
+                f"N = {row['num_rows']:.0e}: "
+                + ", ".join(f"{v:.2f}x" for v in row["wall_ratio_jit_per_round"])
+                for row in r["main_in_memory"]
+            )
+            + "."
+        )
     lines += [
         "",
         f"## Streamed from a CSV ({r['csv_bytes'] / 2**30:.2f} GiB for the largest N, written in "
