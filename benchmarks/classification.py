@@ -891,12 +891,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def report(command: str, results: List[dict], args) -> str:
-    """The markdown of a run: its command, protocol, one table per data set, the machine."""
-    machine = (
-        f"Machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-        f"torch threads {torch.get_num_threads()}."
+def this_machine() -> str:
+    """The machine a run fits on, as its table's last line states it."""
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"torch threads {torch.get_num_threads()}"
     )
+
+
+def report(command: str, results: List[dict], args, machine: str = None) -> str:
+    """The markdown of a run: its command, protocol, one table per data set, the machine.
+
+    :param str machine: the run's machine (:func:`this_machine` at the run); ``None`` for a
+        run whose JSON predates recording it: the line then names the re-rendering machine
+        as such.
+    """
+    if machine is None:
+        machine = (
+            f"Machine: not recorded by the run; this table was re-rendered on {this_machine()}."
+        )
+    else:
+        machine = f"Machine: {machine}."
     table = markdown(results, args)
     return (
         f"Command: `{command}`\n\n"
@@ -936,7 +951,9 @@ def main(argv=None):
             saved = json.load(handle)
         command, results = saved["command"], saved["results"]
         args = argparse.Namespace(**saved["args"])
+        machine = saved.get("machine")
     else:
+        machine = this_machine()
         command = "python benchmarks/classification.py" + "".join(
             " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
         )
@@ -944,14 +961,16 @@ def main(argv=None):
         for name in args.datasets:
             print(f"{name}:", flush=True)
             results.append(run_dataset(name, args))
-    text = report(command, results, args)
+    text = report(command, results, args, machine)
     os.makedirs(RESULTS_DIR, exist_ok=True)
     with open(stem + ".md", "w") as handle:
         handle.write(text)
     if not from_json:
         with open(stem + ".json", "w") as handle:
             json.dump(
-                {"command": command, "args": vars(args), "results": results}, handle, indent=2
+                {"command": command, "machine": machine, "args": vars(args), "results": results},
+                handle,
+                indent=2,
             )
     print(text)
 
