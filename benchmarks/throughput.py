@@ -148,6 +148,11 @@ def _timed_pass(step, x, y, batch_size, max_seconds, min_steps=3):
     }
 
 
+def _wall_ratios(rounds, baseline):
+    """IncrementalMM's wall rate over ``baseline``'s in each round."""
+    return [r["mm"]["wall"] / r[baseline]["wall"] for r in rounds]
+
+
 def _median_rates(results):
     """The median over rounds of each rate of :func:`_timed_pass`."""
     rates = {
@@ -350,8 +355,8 @@ def main(argv=None):
             )
         row = {"num_rows": n, "rounds": rounds}
         row.update({key: _median_rates([r[key] for r in rounds]) for key in rounds[0]})
-        row["wall_ratio_per_round"] = [r["mm"]["wall"] / r["svi"]["wall"] for r in rounds]
-        row["wall_ratio_jit_per_round"] = [r["mm"]["wall"] / r["svi_jit"]["wall"] for r in rounds]
+        row["wall_ratio_per_round"] = _wall_ratios(rounds, "svi")
+        row["wall_ratio_jit_per_round"] = _wall_ratios(rounds, "svi_jit")
         main_rows.append(row)
         mm, svi = row["mm"], row["svi"]
         print(
@@ -465,26 +470,19 @@ def render(r):
                     + " | ".join(f"{ratio:.1f}x" for ratio in ratios)
                     + " |"
                 )
-    lines += [
-        "",
-        "Each rate is the median over the rounds; the wall ratio MM / SVI of each round: "
+    per_round = [
+        f"{name} of each round: "
         + "; ".join(
-            f"N = {row['num_rows']:.0e}: "
-            + ", ".join(f"{v:.2f}x" for v in row.get("wall_ratio_per_round", []))
+            f"N = {row['num_rows']:.0e}: " + ", ".join(f"{v:.2f}x" for v in row[key])
             for row in r["main_in_memory"]
         )
-        + ".",
-    ]
-    if "wall_ratio_jit_per_round" in r["main_in_memory"][0]:
-        lines[-1] += (
-            " MM / SVI (JIT): "
-            + "; ".join(
-                f"N = {row['num_rows']:.0e}: "
-                + ", ".join(f"{v:.2f}x" for v in row["wall_ratio_jit_per_round"])
-                for row in r["main_in_memory"]
-            )
-            + "."
+        for name, key in (
+            ("the wall ratio MM / SVI", "wall_ratio_per_round"),
+            ("MM / SVI (JIT)", "wall_ratio_jit_per_round"),
         )
+        if key in r["main_in_memory"][0]
+    ]
+    lines += ["", "Each rate is the median over the rounds; " + ". ".join(per_round) + "."]
     lines += [
         "",
         f"## Streamed from a CSV ({r['csv_bytes'] / 2**30:.2f} GiB for the largest N, written in "
