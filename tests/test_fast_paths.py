@@ -12,6 +12,7 @@ from pyro_mm.surrogates import (
     GaussianExpertSurrogate,
     MultinomialExpertSurrogate,
     e_step,
+    gaussian_mixture,
     mixture_statistics,
     softmax_curvature,
 )
@@ -132,6 +133,30 @@ def test_one_pass_gaussian_statistics_equal_the_block_by_block_statistics(
     assert torch.isfinite(probe)
     for got, want in zip(tree_leaves(stats), tree_leaves(expected)):
         assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_experts, bound", [(4, "bohning"), (2, "jaakkola-jordan")])
+def test_one_pass_statistics_in_chunks_of_rows_equal_the_block_by_block_statistics(
+    monkeypatch, num_experts, bound
+):
+    # Chunks of 16 rows (the last one ragged) instead of the ~10^3 of a real batch.
+    monkeypatch.setattr(gaussian_mixture, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(gaussian_mixture, "_MIN_CHUNK_ROWS", 16)
+    generator = torch.Generator().manual_seed(3)
+    model = GaussianMoE(num_experts, 3, 2).double()
+    x = torch.randn(90, 3, generator=generator, dtype=torch.float64)
+    y = torch.randn(90, 2, generator=generator, dtype=torch.float64)
+    params = random_gaussian_params(num_experts, 4, 2, 4, generator, scale=2.0)
+    curvature = softmax_curvature(num_experts - 1, bound)
+    design = model.regressors_and_outputs(x, y)
+    weights = torch.rand(3, 90, generator=generator, dtype=torch.float64)
+    chunked = gaussian_mixture._weighted_moments(weights, design)
+    assert torch.allclose(chunked, (weights.unsqueeze(1) * design) @ design.T, rtol=1e-12)
+    surrogate = GaussianExpertSurrogate()
+    expected, _ = mixture_statistics(surrogate, params, *model.features(x), y, curvature, 1e-6)
+    stats, _, _ = fused_statistics_for(model, surrogate)(params, design, curvature, 1e-6)
+    for got, want in zip(tree_leaves(stats), tree_leaves(expected)):
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 

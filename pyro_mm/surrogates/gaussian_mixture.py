@@ -14,7 +14,8 @@ or, for the per-sample Jaakkola-Jordan bound, one more moment matrix weighted by
 The batch is held feature-major (``z`` as ``(D + Q, N)`` rows) and the E-step runs expert-major
 (``(K, N)`` rows) from one product of ``r`` with the stacked gate and expert coefficients. So a
 batch costs one matrix product for the E-step, one weighting and one product for all moment
-matrices, and about thirty small element-wise operations -- instead of the ~150 of the block-by-block path
+matrices (per chunk of rows when the weighted design would outgrow the cache, see
+:func:`_weighted_moments`), and about thirty small element-wise operations -- instead of the ~150 of the block-by-block path
 (:func:`~pyro_mm.surrogates.mixture.mixture_statistics`), whose statistics this returns to
 round-off (``tests/test_fast_paths.py``).
 """
@@ -36,6 +37,12 @@ _LOG_2PI = math.log(2 * math.pi)
 # softplus(t) = t for t above this: log1p(exp(-40)) = 4e-18 is below float64 round-off, while
 # torch's default threshold of 20 would drop 2e-9.
 _SOFTPLUS_THRESHOLD = 40.0
+#: Bytes of the weighted design formed at once by :func:`_weighted_moments` (about half of a
+#: core's L2 cache on current x86 servers) ...
+_CHUNK_BYTES = 2**20
+#: ... and the fewest rows per chunk: shorter chunks cost more in per-product overhead than
+#: the cache saves (measured at P = 50, K = 8: 1024-row chunks fastest).
+_MIN_CHUNK_ROWS = 1024
 
 
 def _gate_log_partition(free_logits: torch.Tensor) -> torch.Tensor:
@@ -44,6 +51,29 @@ def _gate_log_partition(free_logits: torch.Tensor) -> torch.Tensor:
         return F.softplus(free_logits[0], threshold=_SOFTPLUS_THRESHOLD)
     top = free_logits.amax(0).clamp_min(0.0)
     return ((free_logits - top).exp().sum(0) + (-top).exp()).log() + top
+
+
+def _weighted_moments(weights: torch.Tensor, design: torch.Tensor) -> torch.Tensor:
+    """``sum_n w_jn z_n z_n^T`` for each row ``w_j`` of ``weights`` ``(J, N)`` and the columns
+    ``z_n`` of ``design`` ``(D + Q, N)``: ``(J, D + Q, D + Q)``.
+
+    Weighting the feature-major design touches contiguous rows of length ``N``. The weighted
+    copy has ``J (D + Q) N`` entries; once it outgrows a core's cache (large batches, many
+    experts or features) writing and re-reading it costs more than the products, so the rows
+    are taken in chunks of at least :data:`_MIN_CHUNK_ROWS` whose weighted copy fits in
+    :data:`_CHUNK_BYTES`, and the chunks' moments summed (2-4x faster at P = 10 or 50, K = 2
+    to 8, 65536 rows; one chunk, as before, at K = 2, P = 10, 4096 rows).
+    """
+    num_weights, (width, num_rows) = weights.shape[0], design.shape
+    chunk_rows = max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (num_weights * width * design.element_size()))
+    if num_rows <= chunk_rows:
+        return (weights.unsqueeze(1) * design) @ design.T
+    moments = None
+    for start in range(0, num_rows, chunk_rows):
+        chunk = design[:, start : start + chunk_rows]
+        part = (weights[:, start : start + chunk_rows].unsqueeze(1) * chunk) @ chunk.T
+        moments = part if moments is None else moments.add_(part)
+    return moments
 
 
 def gaussian_mixture_statistics(
@@ -103,8 +133,7 @@ def gaussian_mixture_statistics(
     weights = resp
     if isinstance(curvature, JaakkolaJordanBound):
         weights = torch.cat([resp, curvature.sample_curvature(free_logits[0]).unsqueeze(0)])
-    # Weighting the feature-major design touches contiguous rows of length N.
-    moments = (weights.unsqueeze(1) * design) @ design.T
+    moments = _weighted_moments(weights, design)
     moments /= num_rows
     expert_moments = moments[:num_experts]
     if isinstance(curvature, JaakkolaJordanBound):
