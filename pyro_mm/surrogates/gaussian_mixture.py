@@ -15,9 +15,9 @@ The batch is held feature-major (``z`` as ``(D + Q, N)`` rows) and the E-step ru
 (``(K, N)`` rows) from one product of ``r`` with the stacked gate and expert coefficients. So a
 batch costs one matrix product for the E-step, one weighting and one product for all moment
 matrices (per chunk of rows when the weighted design would outgrow the cache, see
-:func:`_weighted_moments`), and about thirty small element-wise operations -- instead of the ~150 of the block-by-block path
-(:func:`~pyro_mm.surrogates.mixture.mixture_statistics`), whose statistics this returns to
-round-off (``tests/test_fast_paths.py``).
+:func:`_weighted_moments`), and about thirty small element-wise operations -- instead of the
+~150 of the block-by-block path (:func:`~pyro_mm.surrogates.mixture.mixture_statistics`), whose
+statistics this returns to round-off (``tests/test_fast_paths.py``).
 """
 
 import math
@@ -61,8 +61,9 @@ def _weighted_moments(weights: torch.Tensor, design: torch.Tensor) -> torch.Tens
     copy has ``J (D + Q) N`` entries; once it outgrows a core's cache (large batches, many
     experts or features) writing and re-reading it costs more than the products, so the rows
     are taken in chunks of at least :data:`_MIN_CHUNK_ROWS` whose weighted copy fits in
-    :data:`_CHUNK_BYTES`, and the chunks' moments summed (2-4x faster at P = 10 or 50, K = 2
-    to 8, 65536 rows; one chunk, as before, at K = 2, P = 10, 4096 rows).
+    :data:`_CHUNK_BYTES`, and the chunks' moments summed. For the moments alone at 65536 rows
+    this was 1.2-1.3x faster at P = 10, K = 2 and 2-4x at P = 50 or K = 8 (one core); a batch
+    of 4096 rows at K = 2, P = 10 stays one chunk.
     """
     num_weights, (width, num_rows) = weights.shape[0], design.shape
     chunk_rows = max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (num_weights * width * design.element_size()))
