@@ -12,16 +12,18 @@ from pyro_mm.surrogates import (
     GaussianExpertSurrogate,
     MultinomialExpertSurrogate,
     e_step,
-    gaussian_mixture,
     mixture_statistics,
+    moments,
     softmax_curvature,
 )
+from pyro_mm.surrogates.full_covariance_expert import full_covariance_expert_statistics
 from pyro_mm.surrogates.gate import _DENSE_SIZE, GateStatistics, solve_gate
 from pyro_mm.surrogates.gaussian_expert import (
     _penalised_residual,
     gaussian_expert_statistics,
     solve_gaussian_experts,
 )
+from pyro_mm.surrogates.moments import weighted_gram, weighted_moments
 from pyro_mm.surrogates.registry import fused_statistics_for
 from pyro_mm.surrogates.softmax_bound import solve_kronecker
 
@@ -75,16 +77,24 @@ def test_expert_log_prob_and_e_step_match_the_plain_formulas(out_features):
     assert torch.allclose(gate_probs, torch.softmax(gate_logits(params.gate, features), -1))
 
 
-def test_expert_statistics_match_a_loop_over_experts():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_expert_statistics_match_a_loop_over_experts(monkeypatch, chunked):
+    if chunked:
+        _in_chunks_of_16_rows(monkeypatch)
     features, y, generator = _data(80, 4, 2)
     resp = torch.softmax(torch.randn(80, 3, generator=generator, dtype=torch.float64), -1)
     stats = gaussian_expert_statistics(resp, features, y)
+    full = full_covariance_expert_statistics(resp, features, y)
     for k in range(3):
         weighted = features * resp[:, k : k + 1]
         assert torch.allclose(stats.gram[k], weighted.T @ features / 80, atol=1e-14)
         assert torch.allclose(stats.cross[k], y.T @ weighted / 80, atol=1e-14)
         assert torch.allclose(stats.square[k], resp[:, k] @ y.square() / 80, atol=1e-14)
+        weighted_y = y * resp[:, k : k + 1]
+        assert torch.allclose(full.square[k], weighted_y.T @ y / 80, atol=1e-14)
     assert torch.allclose(stats.weight, resp.mean(0))
+    for name in ("weight", "gram", "cross"):
+        assert torch.equal(getattr(full, name), getattr(stats, name))
 
 
 def test_expert_variance_uses_the_normal_equations_identity():
@@ -136,13 +146,29 @@ def test_one_pass_gaussian_statistics_equal_the_block_by_block_statistics(
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+def _in_chunks_of_16_rows(monkeypatch):
+    """Chunks of 16 rows in :func:`weighted_moments` instead of the ~10^3 of a real batch."""
+    monkeypatch.setattr(moments, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(moments, "MIN_CHUNK_ROWS", 16)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_weighted_moments_equal_the_plain_product_in_either_layout(monkeypatch, chunked):
+    if chunked:
+        _in_chunks_of_16_rows(monkeypatch)  # 90 rows: five chunks and a ragged one
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randn(90, 6, generator=generator, dtype=torch.float64)
+    weights = torch.rand(3, 90, generator=generator, dtype=torch.float64)
+    expected = torch.stack([(rows * w[:, None]).T @ rows for w in weights])
+    for design in (rows.T, rows.T.contiguous()):  # row-major view, feature-major copy
+        assert torch.allclose(weighted_moments(weights, design), expected, rtol=1e-12)
+    assert torch.allclose(weighted_gram(weights.T, rows), expected / 90, rtol=1e-12)
+
+
 @pytest.mark.parametrize("num_experts, bound", [(4, "bohning"), (2, "jaakkola-jordan")])
 def test_one_pass_statistics_in_chunks_of_rows_equal_the_block_by_block_statistics(
     monkeypatch, num_experts, bound
 ):
-    # Chunks of 16 rows (the last one ragged) instead of the ~10^3 of a real batch.
-    monkeypatch.setattr(gaussian_mixture, "_CHUNK_BYTES", 1)
-    monkeypatch.setattr(gaussian_mixture, "_MIN_CHUNK_ROWS", 16)
     generator = torch.Generator().manual_seed(3)
     model = GaussianMoE(num_experts, 3, 2).double()
     x = torch.randn(90, 3, generator=generator, dtype=torch.float64)
@@ -150,11 +176,10 @@ def test_one_pass_statistics_in_chunks_of_rows_equal_the_block_by_block_statisti
     params = random_gaussian_params(num_experts, 4, 2, 4, generator, scale=2.0)
     curvature = softmax_curvature(num_experts - 1, bound)
     design = model.regressors_and_outputs(x, y)
-    weights = torch.rand(3, 90, generator=generator, dtype=torch.float64)
-    chunked = gaussian_mixture._weighted_moments(weights, design)
-    assert torch.allclose(chunked, (weights.unsqueeze(1) * design) @ design.T, rtol=1e-12)
     surrogate = GaussianExpertSurrogate()
+    # The block-by-block statistics in one piece, the one-pass ones in chunks.
     expected, _ = mixture_statistics(surrogate, params, *model.features(x), y, curvature, 1e-6)
+    _in_chunks_of_16_rows(monkeypatch)
     stats, _, _ = fused_statistics_for(model, surrogate)(params, design, curvature, 1e-6)
     for got, want in zip(tree_leaves(stats), tree_leaves(expected)):
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)

@@ -28,11 +28,8 @@ from ..models.full_covariance_gaussian_moe import (
     full_covariance_expert_log_prob,
 )
 from ..models.params import GaussianExpertParams
-from .gaussian_expert import (
-    GaussianExpertStatistics,
-    gaussian_expert_statistics,
-    solve_gaussian_experts,
-)
+from .gaussian_expert import GaussianExpertStatistics, expert_moments, solve_gaussian_experts
+from .moments import weighted_gram
 from .report import SolveReport
 
 __all__ = [
@@ -104,12 +101,15 @@ class InverseWishartPrior:
 def full_covariance_expert_statistics(
     resp: torch.Tensor, expert_features: torch.Tensor, y: torch.Tensor
 ) -> FullCovarianceExpertStatistics:
-    """Batch averages: those of the diagonal block and the full ``avg tau_k y y^T``."""
-    diagonal = gaussian_expert_statistics(resp, expert_features, y)
-    weighted_y = resp.T.unsqueeze(-1) * y  # (K, N, Q)
-    square = weighted_y.mT @ y / y.shape[0]
+    """Batch averages: those of the diagonal block with the full ``avg tau_k y y^T``, all blocks
+    of one :func:`~pyro_mm.surrogates.gaussian_expert.expert_moments`."""
+    num_features = expert_features.shape[1]
+    moments = expert_moments(resp, expert_features, y)
     return FullCovarianceExpertStatistics(
-        weight=diagonal.weight, gram=diagonal.gram, cross=diagonal.cross, square=square
+        weight=resp.mean(0),
+        gram=moments[:, :num_features, :num_features],
+        cross=moments[:, num_features:, :num_features],
+        square=moments[:, num_features:, num_features:],
     )
 
 
@@ -229,9 +229,8 @@ class FullCovarianceExpertSurrogate:
         """The statistics expected under the experts themselves: ``avg w_k``, ``G_k``,
         ``Upsilon_k G_k`` and ``Upsilon_k G_k Upsilon_k^T + avg w_k Sigma_k`` (the mean
         parameters used by :class:`~pyro_mm.infer.MirrorDescentEM`)."""
-        num_rows = expert_features.shape[0]
         mass = weight.mean(0)
-        gram = (weight.T.unsqueeze(-1) * expert_features).mT @ expert_features / num_rows
+        gram = weighted_gram(weight, expert_features)
         cross = expert_params.weight @ gram
         square = cross @ expert_params.weight.mT + mass[:, None, None] * expert_params.covariance
         return FullCovarianceExpertStatistics(weight=mass, gram=gram, cross=cross, square=square)

@@ -27,6 +27,7 @@ import torch
 
 from ..models.gaussian_moe import gaussian_expert_log_prob
 from ..models.params import GaussianExpertParams
+from .moments import weighted_gram, weighted_moments
 from .penalties import CoefficientPenalty, InverseGammaPrior
 from .report import SolveReport
 
@@ -56,19 +57,27 @@ class GaussianExpertStatistics:
     square: torch.Tensor
 
 
+def expert_moments(resp: torch.Tensor, expert_features: torch.Tensor, y: torch.Tensor):
+    """``avg tau_k z z^T`` for ``z = (r(x), y)``: ``(K, D + Q, D + Q)``, whose blocks are the
+    Gram matrices ``avg tau_k r r^T``, the cross moments ``avg tau_k y r^T`` and
+    ``avg tau_k y y^T`` (one weighted product per chunk of rows for all experts and blocks,
+    see :func:`~pyro_mm.surrogates.moments.weighted_moments`)."""
+    design = torch.cat([expert_features, y], 1)  # row-major (N, D + Q), one copy
+    return weighted_moments(resp.T.contiguous(), design.T) / resp.shape[0]
+
+
 def gaussian_expert_statistics(
     resp: torch.Tensor, expert_features: torch.Tensor, y: torch.Tensor
 ) -> GaussianExpertStatistics:
-    """Batch averages of the expert statistics (batched GEMMs, no per-expert loop)."""
-    num_rows = resp.shape[0]
-    # Expert-major (K, N, D): the weighting broadcasts one responsibility over a contiguous row
-    # of features, several times faster than the interleaved (N, K, D) layout.
-    weighted = resp.T.unsqueeze(-1) * expert_features
+    """Batch averages of the expert statistics: blocks of :func:`expert_moments` (batched
+    products, no per-expert loop)."""
+    num_features = expert_features.shape[1]
+    moments = expert_moments(resp, expert_features, y)
     return GaussianExpertStatistics(
         weight=resp.mean(0),
-        gram=(weighted.mT @ expert_features) / num_rows,
-        cross=(y.T @ weighted) / num_rows,
-        square=resp.T @ y.square() / num_rows,
+        gram=moments[:, :num_features, :num_features],
+        cross=moments[:, num_features:, :num_features],
+        square=moments[:, num_features:, num_features:].diagonal(dim1=-2, dim2=-1),
     )
 
 
@@ -87,9 +96,8 @@ def gaussian_expert_mean_statistics(
     :param torch.Tensor expert_features: ``(N, D)`` regressors ``r(x)``.
     :param torch.Tensor weight: ``(N, K)`` non-negative weights of the experts per row.
     """
-    num_rows = expert_features.shape[0]
     mass = weight.mean(0)
-    gram = (weight.T.unsqueeze(-1) * expert_features).mT @ expert_features / num_rows
+    gram = weighted_gram(weight, expert_features)
     cross = torch.einsum("kde,kqe->kqd", gram, params.weight)
     square = (params.weight * cross).sum(-1) + params.variance * mass[:, None]
     return GaussianExpertStatistics(weight=mass, gram=gram, cross=cross, square=square)

@@ -15,7 +15,7 @@ The batch is held feature-major (``z`` as ``(D + Q, N)`` rows) and the E-step ru
 (``(K, N)`` rows) from one product of ``r`` with the stacked gate and expert coefficients. So a
 batch costs one matrix product for the E-step, one weighting and one product for all moment
 matrices (per chunk of rows when the weighted design would outgrow the cache, see
-:func:`_weighted_moments`), and about thirty small element-wise operations -- instead of the
+:func:`~pyro_mm.surrogates.moments.weighted_moments`), and about thirty small element-wise operations -- instead of the
 ~150 of the block-by-block path (:func:`~pyro_mm.surrogates.mixture.mixture_statistics`), whose
 statistics this returns to round-off (``tests/test_fast_paths.py``).
 """
@@ -29,6 +29,7 @@ from ..models.params import MoEParams
 from .gate import gate_statistics_from_moments
 from .gaussian_expert import GaussianExpertStatistics
 from .mixture import MoEStatistics
+from .moments import weighted_moments
 from .softmax_bound import JaakkolaJordanBound
 
 __all__ = ["gaussian_mixture_statistics"]
@@ -37,12 +38,6 @@ _LOG_2PI = math.log(2 * math.pi)
 # softplus(t) = t for t above this: log1p(exp(-40)) = 4e-18 is below float64 round-off, while
 # torch's default threshold of 20 would drop 2e-9.
 _SOFTPLUS_THRESHOLD = 40.0
-#: Bytes of the weighted design formed at once by :func:`_weighted_moments` (about half of a
-#: core's L2 cache on current x86 servers) ...
-_CHUNK_BYTES = 2**20
-#: ... and the fewest rows per chunk: shorter chunks cost more in per-product overhead than
-#: the cache saves (measured at P = 50, K = 8: 1024-row chunks fastest).
-_MIN_CHUNK_ROWS = 1024
 
 
 def _gate_log_partition(free_logits: torch.Tensor) -> torch.Tensor:
@@ -51,30 +46,6 @@ def _gate_log_partition(free_logits: torch.Tensor) -> torch.Tensor:
         return F.softplus(free_logits[0], threshold=_SOFTPLUS_THRESHOLD)
     top = free_logits.amax(0).clamp_min(0.0)
     return ((free_logits - top).exp().sum(0) + (-top).exp()).log() + top
-
-
-def _weighted_moments(weights: torch.Tensor, design: torch.Tensor) -> torch.Tensor:
-    """``sum_n w_jn z_n z_n^T`` for each row ``w_j`` of ``weights`` ``(J, N)`` and the columns
-    ``z_n`` of ``design`` ``(D + Q, N)``: ``(J, D + Q, D + Q)``.
-
-    Weighting the feature-major design touches contiguous rows of length ``N``. The weighted
-    copy has ``J (D + Q) N`` entries; once it outgrows a core's cache (large batches, many
-    experts or features) writing and re-reading it costs more than the products, so the rows
-    are taken in chunks of at least :data:`_MIN_CHUNK_ROWS` whose weighted copy fits in
-    :data:`_CHUNK_BYTES`, and the chunks' moments summed. For the moments alone at 65536 rows
-    this was 1.2-1.3x faster at P = 10, K = 2 and 2-4x at P = 50 or K = 8 (one core); a batch
-    of 4096 rows at K = 2, P = 10 stays one chunk.
-    """
-    num_weights, (width, num_rows) = weights.shape[0], design.shape
-    chunk_rows = max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (num_weights * width * design.element_size()))
-    if num_rows <= chunk_rows:
-        return (weights.unsqueeze(1) * design) @ design.T
-    moments = None
-    for start in range(0, num_rows, chunk_rows):
-        chunk = design[:, start : start + chunk_rows]
-        part = (weights[:, start : start + chunk_rows].unsqueeze(1) * chunk) @ chunk.T
-        moments = part if moments is None else moments.add_(part)
-    return moments
 
 
 def gaussian_mixture_statistics(
@@ -134,7 +105,7 @@ def gaussian_mixture_statistics(
     weights = resp
     if isinstance(curvature, JaakkolaJordanBound):
         weights = torch.cat([resp, curvature.sample_curvature(free_logits[0]).unsqueeze(0)])
-    moments = _weighted_moments(weights, design)
+    moments = weighted_moments(weights, design)
     moments /= num_rows
     expert_moments = moments[:num_experts]
     if isinstance(curvature, JaakkolaJordanBound):

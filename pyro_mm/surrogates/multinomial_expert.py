@@ -38,6 +38,7 @@ import torch
 
 from ..models.multinomial_moe import multinomial_expert_log_prob, multinomial_expert_logits
 from ..models.params import MultinomialExpertParams
+from .moments import weighted_gram
 from .report import SolveReport
 from .softmax_bound import (
     SOFTMAX_BOUNDS,
@@ -85,7 +86,7 @@ def _bound_statistics(weight, expert_features, mass, residual, curvature):
     num_rows = expert_features.shape[0]
     if isinstance(curvature, JebaraChoromanskaBound):
         return _sample_bound_statistics(weight, expert_features, mass, residual, curvature)
-    gram = torch.einsum("nk,nd,ne->kde", mass, expert_features, expert_features) / num_rows
+    gram = weighted_gram(mass, expert_features)
     linear = torch.einsum("nkm,nd->kmd", residual, expert_features) / num_rows
     return MultinomialExpertStatistics(
         weight=mass.mean(0), gram=gram, linear=linear + curvature @ weight @ gram

@@ -1,0 +1,55 @@
+"""Weighted second-moment matrices of a batch, formed a cache-sized chunk of rows at a time.
+
+Every Gaussian statistic of the MM surrogate (and the Gram matrices of the softmax bounds) is a
+weighted sum ``sum_n w_jn z_n z_n^T`` over the rows of a batch, one per weight vector ``w_j``
+(an expert's responsibilities, a per-sample curvature). The plain formula forms the weighted
+copy ``w_j z_n`` of the whole batch, ``J W N`` entries, and multiplies it by the design. Once
+that copy outgrows a core's cache -- large batches, many experts or features -- writing and
+re-reading it costs more than the products (at 65536 rows, P = 50, K = 8 it is 214 MB), so
+:func:`weighted_moments` takes the rows in chunks whose weighted copy fits in
+:data:`CHUNK_BYTES` and sums the chunks' moments.
+"""
+
+import torch
+
+__all__ = ["weighted_moments", "weighted_gram"]
+
+#: Bytes of the weighted design formed at once by :func:`weighted_moments` (about half of a
+#: core's L2 cache on current x86 servers) ...
+CHUNK_BYTES = 2**20
+#: ... and the fewest rows per chunk: shorter chunks cost more in per-product overhead than
+#: the cache saves (measured at P = 50, K = 8: 1024-row chunks fastest).
+MIN_CHUNK_ROWS = 1024
+
+
+def weighted_moments(weights: torch.Tensor, design: torch.Tensor) -> torch.Tensor:
+    """``sum_n w_jn z_n z_n^T`` for each row ``w_j`` of ``weights`` ``(J, N)`` and the columns
+    ``z_n`` of ``design`` ``(W, N)``: ``(J, W, W)``.
+
+    ``weights`` should be contiguous: weighting by a transposed ``(N, J)`` view was 7x slower
+    (4096 rows). ``design`` may be either layout: a contiguous feature-major tensor (as the
+    one-pass Gaussian statistics build it) or the transposed view of a contiguous row-major
+    ``(N, W)`` tensor, which the product then reads row by row (the faster form for a batch
+    that arrives row-major: no transposing copy). Rows are taken in chunks of at least
+    :data:`MIN_CHUNK_ROWS` whose weighted copy fits in :data:`CHUNK_BYTES`, and the chunks'
+    moments summed. For the moments alone at 65536 rows (one core) this was 1.2-1.3x faster
+    than the whole-batch product at P = 10, K = 2 and 2-4x at P = 50 or K = 8; a batch of
+    4096 rows at K = 2, P = 10 stays one chunk.
+    """
+    num_weights, (width, num_rows) = weights.shape[0], design.shape
+    chunk_rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (num_weights * width * design.element_size()))
+    if num_rows <= chunk_rows:
+        return (weights.unsqueeze(1) * design) @ design.T
+    moments = None
+    for start in range(0, num_rows, chunk_rows):
+        chunk = design[:, start : start + chunk_rows]
+        part = (weights[:, start : start + chunk_rows].unsqueeze(1) * chunk) @ chunk.T
+        moments = part if moments is None else moments.add_(part)
+    return moments
+
+
+def weighted_gram(weights: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``avg_n w_nj r_n r_n^T`` for each column ``w_j`` of ``weights`` ``(N, J)`` and the rows
+    ``r_n`` of ``features`` ``(N, D)``: ``(J, D, D)``, by :func:`weighted_moments` (the
+    features read row-major, the weights made contiguous)."""
+    return weighted_moments(weights.T.contiguous(), features.T) / features.shape[0]
