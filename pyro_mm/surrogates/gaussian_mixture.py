@@ -16,8 +16,9 @@ The batch is held feature-major (``z`` as ``(D + Q, N)`` rows) and the E-step ru
 batch costs one matrix product for the E-step, one weighting and one product for all moment
 matrices (per chunk of rows when the weighted design would outgrow the cache, see
 :func:`~pyro_mm.surrogates.moments.weighted_moments`), and about thirty small element-wise
-operations -- instead of the ~150 of the block-by-block path (:func:`~pyro_mm.surrogates.mixture.mixture_statistics`), whose
-statistics this returns to round-off (``tests/test_fast_paths.py``).
+operations -- instead of the ~150 of the block-by-block path
+(:func:`~pyro_mm.surrogates.mixture.mixture_statistics`), whose statistics this returns to
+round-off (``tests/test_fast_paths.py``).
 """
 
 import math
