@@ -1,8 +1,8 @@
 """Weighted second-moment matrices of a batch, formed a cache-sized chunk of rows at a time.
 
-Every Gaussian statistic of the MM surrogate (and the Gram matrices of the softmax bounds) is a
-weighted sum ``sum_n w_jn z_n z_n^T`` over the rows of a batch, one per weight vector ``w_j``
-(an expert's responsibilities, a per-sample curvature). The plain formula forms the weighted
+Every Gaussian statistic of the MM surrogate (and the multinomial experts' Gram matrices) is a
+block of a weighted sum ``sum_n w_jn z_n z_n^T`` over the rows of a batch, one per weight vector
+``w_j`` (an expert's responsibilities, the gate's per-sample curvature). The plain formula forms the weighted
 copy ``w_j z_n`` of the whole batch, ``J W N`` entries, and multiplies it by the design. Once
 that copy outgrows a core's cache -- large batches, many experts or features -- writing and
 re-reading it costs more than the products (at 65536 rows, P = 50, K = 8 it is 214 MB), so
