@@ -577,8 +577,8 @@ def _check_finite_statistics(stats) -> None:
 
 
 def _all_finite(tensors) -> bool:
-    # A finite sum of sums proves every entry finite with one synchronisation; only an
-    # overflowing sum needs the entry-wise check.
+    # A finite sum of sums proves every entry finite with one reduction per tensor (no
+    # element-wise mask); only an overflowing sum needs the entry-wise check.
     if math.isfinite(sum(t.sum().item() for t in tensors)):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
