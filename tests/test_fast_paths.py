@@ -23,7 +23,7 @@ from pyro_mm.surrogates.gaussian_expert import (
     gaussian_expert_statistics,
     solve_gaussian_experts,
 )
-from pyro_mm.surrogates.moments import weighted_gram, weighted_moments
+from pyro_mm.surrogates.moments import weighted_gram, weighted_moments, weighted_outer_products
 from pyro_mm.surrogates.registry import fused_statistics_for
 from pyro_mm.surrogates.softmax_bound import solve_kronecker
 
@@ -163,6 +163,7 @@ def test_weighted_moments_equal_the_plain_product_in_either_layout(monkeypatch, 
     for design in (rows.T, rows.T.contiguous()):  # row-major view, feature-major copy
         assert torch.allclose(weighted_moments(weights, design), expected, rtol=1e-12)
     assert torch.allclose(weighted_gram(weights.T, rows), expected / 90, rtol=1e-12)
+    assert torch.allclose(weighted_outer_products(weights.T, rows), expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize("num_experts, bound", [(4, "bohning"), (2, "jaakkola-jordan")])

@@ -12,7 +12,7 @@ re-reading it costs more than the products (at 65536 rows, P = 50, K = 8 it is 2
 
 import torch
 
-__all__ = ["weighted_moments", "weighted_gram"]
+__all__ = ["weighted_moments", "weighted_gram", "weighted_outer_products"]
 
 #: Bytes of the weighted design formed at once by :func:`weighted_moments` (about half of a
 #: core's L2 cache on current x86 servers) ...
@@ -53,3 +53,27 @@ def weighted_gram(weights: torch.Tensor, features: torch.Tensor) -> torch.Tensor
     ``r_n`` of ``features`` ``(N, D)``: ``(J, D, D)``, by :func:`weighted_moments` (the
     features read row-major, the weights made contiguous)."""
     return weighted_moments(weights.T.contiguous(), features.T) / features.shape[0]
+
+
+def weighted_outer_products(weights: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``sum_n w_nj r_n r_n^T`` for each column ``w_j`` of ``weights`` ``(N, J)`` and the rows
+    ``r_n`` of ``features`` ``(N, D)``: ``(J, D, D)``, the sums of :func:`weighted_moments` as
+    one product of the weights with the rows' outer products ``r_n r_n^T``.
+
+    The better form when there are many weight vectors against ``D`` (the Jebara-Choromanska
+    bound's per-sample curvature blocks: ``J = K (M - 1)^2``): its copy has ``N D^2`` entries
+    instead of ``J N D``. That copy is formed per chunk of rows (at least
+    :data:`MIN_CHUNK_ROWS`, else at most :data:`CHUNK_BYTES`), so memory does not grow with
+    ``N`` (at 65536 rows and ``D = 65`` the whole-batch outer products were 2.1 GB); measured
+    1.1x faster than the whole-batch form at 1797 rows and 1.8x at 65536 rows (``J = 162``,
+    ``D = 65``, one core).
+    """
+    num_rows, num_features = features.shape
+    chunk_rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (num_features**2 * features.element_size()))
+    sums = None
+    for start in range(0, num_rows, chunk_rows):
+        chunk = features[start : start + chunk_rows]
+        outer = (chunk.unsqueeze(-1) * chunk.unsqueeze(-2)).reshape(chunk.shape[0], -1)
+        part = weights[start : start + chunk_rows].T @ outer
+        sums = part if sums is None else sums.add_(part)
+    return sums.reshape(-1, num_features, num_features)

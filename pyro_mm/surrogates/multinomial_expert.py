@@ -38,7 +38,7 @@ import torch
 
 from ..models.multinomial_moe import multinomial_expert_log_prob, multinomial_expert_logits
 from ..models.params import MultinomialExpertParams
-from .moments import weighted_gram
+from .moments import weighted_gram, weighted_outer_products
 from .report import SolveReport
 from .softmax_bound import (
     SOFTMAX_BOUNDS,
@@ -99,8 +99,7 @@ def _sample_bound_statistics(weight, expert_features, mass, residual, bound):
     num_experts, num_free = weight.shape[:2]
     logits = multinomial_expert_logits(weight, expert_features)[..., :-1]
     weighted = mass[..., None, None] * bound.sample_curvature(logits)
-    outer = expert_features.unsqueeze(-1) * expert_features.unsqueeze(-2)
-    gram = weighted.reshape(num_rows, -1).T @ outer.reshape(num_rows, -1) / num_rows
+    gram = weighted_outer_products(weighted.reshape(num_rows, -1), expert_features) / num_rows
     gram = gram.reshape(num_experts, num_free, num_free, num_features, num_features)
     size = num_free * num_features
     gram = gram.permute(0, 1, 3, 2, 4).reshape(num_experts, size, size)
