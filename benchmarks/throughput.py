@@ -9,10 +9,11 @@ Measures, in one run, with ``torch.set_num_threads(--threads)`` (default 1: the 
 
 1. **Main case** K=2, P=10, Q=1, batch 4096, float64, in memory: samples/s of one pass over
    ``N in {10^5, 10^6, 10^7}``, in ``--rounds`` (default 3) rounds in which the methods
-   alternate (medians over the rounds, and the ratio of each round), for IncrementalMM (default options; the first step, which runs the
-   K-means initialisation, is excluded) and for Pyro SVI (``Adam(lr=0.01)``, ``Trace_ELBO``, the
-   model's own ``forward`` with an empty guide, i.e. maximum likelihood; same batches; its first
-   step, which creates the parameters, excluded; at N = 10^7 SVI is timed over its first 10 s),
+   alternate (medians over the rounds, and the ratio of each round), for IncrementalMM
+   (default options; the first step, which runs the K-means initialisation, is excluded) and
+   for Pyro SVI (``Adam(lr=0.01)``, ``Trace_ELBO``, the model's own ``forward`` with an empty
+   guide, i.e. maximum likelihood; same batches; its first step, which creates the parameters,
+   excluded; at N = 10^7 SVI is timed over its first 10 s),
    and Pyro SVI with ``JitTrace_ELBO`` (the same, traced once per batch shape before timing).
    IncrementalMM also in float32.
 2. **Streamed** from a CSV file through :class:`pyro_mm.datasets.csv_stream.CsvBatchStream`

@@ -147,7 +147,8 @@ def test_one_pass_gaussian_statistics_equal_the_block_by_block_statistics(
 
 
 def _in_chunks_of_16_rows(monkeypatch):
-    """Chunks of 16 rows in :func:`weighted_moments` instead of the ~10^3 of a real batch."""
+    """Chunks of 16 rows in :mod:`~pyro_mm.surrogates.moments` instead of the ~10^3 of a real
+    batch."""
     monkeypatch.setattr(moments, "CHUNK_BYTES", 1)
     monkeypatch.setattr(moments, "MIN_CHUNK_ROWS", 16)
 

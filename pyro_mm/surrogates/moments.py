@@ -2,11 +2,11 @@
 
 Every Gaussian statistic of the MM surrogate (and the multinomial experts' Gram matrices) is a
 block of a weighted sum ``sum_n w_jn z_n z_n^T`` over the rows of a batch, one per weight vector
-``w_j`` (an expert's responsibilities, the gate's per-sample curvature). The plain formula forms the weighted
-copy ``w_j z_n`` of the whole batch, ``J W N`` entries, and multiplies it by the design. Once
-that copy outgrows a core's cache -- large batches, many experts or features -- writing and
-re-reading it costs more than the products (at 65536 rows, P = 50, K = 8 it is 214 MB), so
-:func:`weighted_moments` takes the rows in chunks whose weighted copy fits in
+``w_j`` (an expert's responsibilities, the gate's per-sample curvature). The plain formula forms
+the weighted copy ``w_j z_n`` of the whole batch, ``J W N`` entries, and multiplies it by the
+design. Once that copy outgrows a core's cache -- large batches, many experts or features --
+writing and re-reading it costs more than the products (at 65536 rows, P = 50, K = 8 it is
+214 MB), so :func:`weighted_moments` takes the rows in chunks whose weighted copy fits in
 :data:`CHUNK_BYTES` and sums the chunks' moments.
 """
 
@@ -63,9 +63,9 @@ def weighted_outer_products(weights: torch.Tensor, features: torch.Tensor) -> to
     bound's per-sample curvature blocks: ``J = K (M - 1)^2``): its copy has ``N D^2`` entries
     instead of ``J N D``. That copy is formed per chunk of rows (of at most
     :data:`CHUNK_BYTES` where that leaves at least :data:`MIN_CHUNK_ROWS` rows, else of that
-    many rows), so memory does not grow with ``N`` (at 65536 rows and ``D = 65`` the whole-batch outer products were 2.1 GB); measured
-    1.1x faster than the whole-batch form at 1797 rows and 1.8x at 65536 rows (``J = 162``,
-    ``D = 65``, one core).
+    many rows), so memory does not grow with ``N`` (at 65536 rows and ``D = 65`` the
+    whole-batch outer products were 2.1 GB); measured 1.1x faster than the whole-batch form at
+    1797 rows and 1.8x at 65536 rows (``J = 162``, ``D = 65``, one core).
     """
     num_rows, num_features = features.shape
     chunk_rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (num_features**2 * features.element_size()))
