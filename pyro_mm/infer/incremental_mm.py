@@ -410,11 +410,13 @@ class IncrementalMM:
         condition = float(torch.linalg.cond(gram.double()))
         if not condition * torch.finfo(self.dtype).eps < 1e-2:
             digits = -math.log10(torch.finfo(self.dtype).eps)
+            # float64 is the widest dtype the solves support: suggest it only below it.
+            wider = "" if self.dtype == torch.float64 else " (or use float64)"
             warnings.warn(
                 f"the gate features' Gram matrix has condition number {condition:.1e} (constant, "
                 f"duplicated or badly scaled features): the {self.dtype} solves, which carry "
                 f"about {digits:.0f} significant digits, may lose most of them; standardise the "
-                f"inputs (or use float64)",
+                f"inputs{wider}",
                 RuntimeWarning,
                 stacklevel=3,
             )
