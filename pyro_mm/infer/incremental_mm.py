@@ -65,11 +65,11 @@ class IncrementalMM:
     ``FloatingPointError`` when only the statistics or the update overflow. With
     ``on_bad_batch="skip"`` such a batch is skipped instead, with a warning, and counted in
     ``regularisation["skipped_batches"]``. Magnitudes whose squares stay representable (up to
-    about ``1e150`` in float64) are fitted exactly as the rescaled data would be. Degenerate but valid data is regularised and
-    counted in :attr:`regularisation`: a singular Gram matrix (constant features) gets the
-    ridge and ``gate_eps``; an expert with no responsibility keeps its parameters
-    (``"empty_expert_steps"``); a collapsing variance is raised to ``variance_floor``
-    (``"floored_variances"``).
+    about ``1e150`` in float64) are fitted exactly as the rescaled data would be. Degenerate but
+    valid data is regularised and counted in :attr:`regularisation`: a singular Gram matrix
+    (constant features) gets the ridge and ``gate_eps``; an expert with no responsibility keeps
+    its parameters (``"empty_expert_steps"``); a collapsing variance is raised to
+    ``variance_floor`` (``"floored_variances"``).
 
     **Checkpoints.** :meth:`state_dict` / :meth:`load_state_dict` save and restore everything
     the iteration depends on; resuming an interrupted stream from a checkpoint (through

@@ -88,7 +88,8 @@ class SVIFit:
     :param bool create_graph: keep the backward graph for Hessian-vector products (default:
         :func:`needs_hessian_graph` of the optimiser class).
     :param str init: ``"auto"`` (K-means on the first batch unless the model is already
-        fitted), ``"kmeans"``, ``"kmeans-logistic"``, ``"spectral"`` or ``"current"``, as in IncrementalMM.
+        fitted), ``"kmeans"``, ``"kmeans-logistic"``, ``"spectral"`` or ``"current"``, as in
+        IncrementalMM.
     :param int seed: seed of the K-means initialisation and of the draws of the ELBO and of the
         optimiser (kept in a private random state: the global one is left alone).
     :param torch.dtype dtype: dtype of the parameters.

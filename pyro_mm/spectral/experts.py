@@ -125,9 +125,10 @@ def spectral_experts(
     top = moment_eigenvalues[:num_experts]
     if top[-1] <= 0:
         positive = int((moment_eigenvalues > 0).sum())
+        leading = moment_eigenvalues[: num_experts + 1].tolist()
         raise ValueError(
             f"M2 = T2 / c' has only {positive} positive eigenvalue(s), fewer than "
-            f"num_experts={num_experts} (eigenvalues {moment_eigenvalues[: num_experts + 1].tolist()}): "
+            f"num_experts={num_experts} (eigenvalues {leading}): "
             f"too many experts for these data, an expert with ~zero weight, too few samples, or a "
             f"wrong link / noise_std"
         )

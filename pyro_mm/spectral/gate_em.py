@@ -8,9 +8,9 @@ method (:func:`~pyro_mm.surrogates.softmax_regression.fit_softmax_regression`). 
 constrained argmax is, by the KKT conditions, the unconstrained argmax of
 ``Q(W) - lambda / 2 ||W||^2`` for the ``lambda >= 0`` with ``||W(lambda)||_F = R``;
 ``||W(lambda)||`` decreases in ``lambda``, so ``lambda`` is found by Brent's method on
-``log lambda``, each evaluation a warm-started Newton solve. (The paper's domain is a ball per gate row; one ball on the whole
-gate keeps a single multiplier and the same role: bounded iterates when the labels are nearly
-separable.) The noise variance is known in the paper; it can also be re-estimated in closed form
+``log lambda``, each evaluation a warm-started Newton solve. (The paper's domain is a ball per
+gate row; one ball on the whole gate keeps a single multiplier and the same role: bounded
+iterates when the labels are nearly separable.) The noise variance is known in the paper; it can also be re-estimated in closed form
 (one variance shared by the experts).
 """
 

@@ -9,7 +9,8 @@ whose optimality condition ``avg_n g_{1:K-1}(x_n; W) u_n^T + lambda W = avg_n t_
 says that the gate's mean parameters ``grad A(W) = avg_n g(x_n; W) u_n^T`` (``A`` the gate's
 log-partition averaged over the inputs) match those of the targets. EM uses ``t = tau`` (the
 responsibilities); mirror-descent EM with step size ``eta`` uses
-``t = (1 - eta) g(x; W_t) + eta tau``, i.e. ``grad A(W_{t+1}) = (1 - eta) grad A(W_t) + eta avg tau u^T``.
+``t = (1 - eta) g(x; W_t) + eta tau``, i.e.
+``grad A(W_{t+1}) = (1 - eta) grad A(W_t) + eta avg tau u^T``.
 The solver is :func:`~pyro_mm.surrogates.softmax_regression.fit_softmax_regression` (Newton with an
 Armijo line search, run to a gradient tolerance), warm-started at the current gate.
 

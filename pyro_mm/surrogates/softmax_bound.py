@@ -77,9 +77,9 @@ class JebaraChoromanskaBound:
     bound. The classes are added in decreasing order of ``xi`` (any order gives a valid bound;
     this one is tightest for a confident softmax, where the later classes' ``|log(alpha_j /
     z)|`` is large). Unlike Böhning's constant ``C`` it shrinks where the softmax is confident
-    (it decays like ``1 / margin``; Böhning's largest eigenvalue stays ``1/2``), so an MM step moves confident experts much
-    further; it is not uniformly below ``C`` (``tests/test_multinomial_moe.py`` checks the
-    majorisation and touching).
+    (it decays like ``1 / margin``; Böhning's largest eigenvalue stays ``1/2``), so an MM step
+    moves confident experts much further; it is not uniformly below ``C``
+    (``tests/test_multinomial_moe.py`` checks the majorisation and touching).
 
     :param torch.dtype dtype: dtype of the curvatures.
     """
