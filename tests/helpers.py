@@ -45,9 +45,13 @@ def assert_trees_identical(left, right, where="state"):
         assert left == right, where
 
 
-def init_local_gloo(rank: int, port: int, world_size: int) -> None:
+def init_local_gloo(rank: int, store_path: str, world_size: int) -> None:
     """Joins a gloo process group of ``world_size`` ranks on localhost (in a spawned worker),
-    with one torch thread per rank (the ranks share the machine's cores)."""
+    with one torch thread per rank (the ranks share the machine's cores).
+
+    The ranks meet through a file store at ``store_path`` (a path in the test's temporary
+    folder that does not exist yet): a TCP rendezvous on a port found free beforehand can lose
+    the port to another process before rank 0 binds it."""
     import datetime
     import os
 
@@ -57,7 +61,7 @@ def init_local_gloo(rank: int, port: int, world_size: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{store_path}",
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=60),

@@ -2,7 +2,6 @@
 (of unequal sizes), hold the parameters of one process fed the concatenated batches."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -57,8 +56,8 @@ def _model(init_params=None):
     return model
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    init_local_gloo(rank, port, WORLD_SIZE)
+def _worker(rank: int, out_dir: str) -> None:
+    init_local_gloo(rank, os.path.join(out_dir, "store"), WORLD_SIZE)
     try:
         results = {}
         # 1. A given start (init="current"), Polyak averaging, the default process group.
@@ -100,12 +99,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _concatenated(step: int, batches=_shard):
     parts = [batches(step, rank) for rank in range(WORLD_SIZE)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -134,7 +127,7 @@ def _assert_same_fit(distributed: dict, single: IncrementalMM) -> None:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(str(out_dir),), nprocs=WORLD_SIZE, join=True)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 

@@ -376,12 +376,12 @@ def _rank_batch(step, rank):
     return x[start : start + 150 - 20 * rank], y[start : start + 150 - 20 * rank]
 
 
-def _distributed_worker(rank, port, out_dir):
+def _distributed_worker(rank, out_dir):
     import os
 
     import torch.distributed as dist
 
-    init_local_gloo(rank, port, 2)
+    init_local_gloo(rank, os.path.join(out_dir, "store"), 2)
     try:
         # A given start: K-means on one rank's batch would differ from the one process's.
         model = _perturbed_start(_model("hierarchical").double())
@@ -394,16 +394,11 @@ def _distributed_worker(rank, port, out_dir):
 
 
 def test_distributed_incremental_mm_with_a_hierarchical_gate_is_one_process(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     from pyro_mm.infer.state import load_tree_state
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_distributed_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(str(tmp_path),), nprocs=2, join=True)
     model = _perturbed_start(_model("hierarchical").double())
     single = IncrementalMM(model, init="current", polyak_start=3, process_group=False)
     for step in range(8):
