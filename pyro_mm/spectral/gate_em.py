@@ -10,8 +10,8 @@ constrained argmax is, by the KKT conditions, the unconstrained argmax of
 ``||W(lambda)||`` decreases in ``lambda``, so ``lambda`` is found by Brent's method on
 ``log lambda``, each evaluation a warm-started Newton solve. (The paper's domain is a ball per
 gate row; one ball on the whole gate keeps a single multiplier and the same role: bounded
-iterates when the labels are nearly separable.) The noise variance is known in the paper; it can also be re-estimated in closed form
-(one variance shared by the experts).
+iterates when the labels are nearly separable.) The noise variance is known in the paper; it
+can also be re-estimated in closed form (one variance shared by the experts).
 """
 
 import dataclasses
