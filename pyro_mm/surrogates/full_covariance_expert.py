@@ -103,14 +103,7 @@ def full_covariance_expert_statistics(
 ) -> FullCovarianceExpertStatistics:
     """Batch averages: those of the diagonal block with the full ``avg tau_k y y^T``, all blocks
     of one :func:`~pyro_mm.surrogates.gaussian_expert.expert_moments`."""
-    num_features = expert_features.shape[1]
-    moments = expert_moments(resp, expert_features, y)
-    return FullCovarianceExpertStatistics(
-        weight=resp.mean(0),
-        gram=moments[:, :num_features, :num_features],
-        cross=moments[:, num_features:, :num_features],
-        square=moments[:, num_features:, num_features:],
-    )
+    return FullCovarianceExpertStatistics(*expert_moments(resp, expert_features, y))
 
 
 def _residual_covariance(weight, stats, penalty) -> torch.Tensor:

@@ -58,26 +58,29 @@ class GaussianExpertStatistics:
 
 
 def expert_moments(resp: torch.Tensor, expert_features: torch.Tensor, y: torch.Tensor):
-    """``avg tau_k z z^T`` for ``z = (r(x), y)``: ``(K, D + Q, D + Q)``, whose blocks are the
-    Gram matrices ``avg tau_k r r^T``, the cross moments ``avg tau_k y r^T`` and
-    ``avg tau_k y y^T`` (one weighted product per chunk of rows for all experts and blocks,
-    see :func:`~pyro_mm.surrogates.moments.weighted_moments`)."""
+    """The blocks of ``avg tau_k z z^T`` for ``z = (r(x), y)``: ``(avg tau_k, avg tau_k r r^T,
+    avg tau_k y r^T, avg tau_k y y^T)``, of shapes ``(K,)``, ``(K, D, D)``, ``(K, Q, D)`` and
+    ``(K, Q, Q)`` (one weighted product per chunk of rows for all experts and blocks, see
+    :func:`~pyro_mm.surrogates.moments.weighted_moments`)."""
+    num_features = expert_features.shape[1]
     design = torch.cat([expert_features, y], 1)  # row-major (N, D + Q), one copy
-    return weighted_moments(resp.T.contiguous(), design.T) / resp.shape[0]
+    moments = weighted_moments(resp.T.contiguous(), design.T) / resp.shape[0]
+    return (
+        resp.mean(0),
+        moments[:, :num_features, :num_features],
+        moments[:, num_features:, :num_features],
+        moments[:, num_features:, num_features:],
+    )
 
 
 def gaussian_expert_statistics(
     resp: torch.Tensor, expert_features: torch.Tensor, y: torch.Tensor
 ) -> GaussianExpertStatistics:
-    """Batch averages of the expert statistics: blocks of :func:`expert_moments` (batched
-    products, no per-expert loop)."""
-    num_features = expert_features.shape[1]
-    moments = expert_moments(resp, expert_features, y)
+    """Batch averages of the expert statistics: the blocks of :func:`expert_moments`, of
+    ``avg tau_k y y^T`` its diagonal (batched products, no per-expert loop)."""
+    weight, gram, cross, square = expert_moments(resp, expert_features, y)
     return GaussianExpertStatistics(
-        weight=resp.mean(0),
-        gram=moments[:, :num_features, :num_features],
-        cross=moments[:, num_features:, :num_features],
-        square=moments[:, num_features:, num_features:].diagonal(dim1=-2, dim2=-1),
+        weight=weight, gram=gram, cross=cross, square=square.diagonal(dim1=-2, dim2=-1)
     )
 
 
