@@ -10,12 +10,12 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_mm import GaussianMoE, IncrementalMM
+from pyro_mm import GaussianMoE, IncrementalMM, MultinomialMoE
 from pyro_mm.datasets.synthetic import gaussian_moe_truth, sample_gaussian_moe
 from pyro_mm.diagnostics import LaplacePosterior, align_draws, laplace_posterior, to_inference_data
 from pyro_mm.infer import EM
 from pyro_mm.infer.svi_fit import SVIFit
-from pyro_mm.models.params import GaussianExpertParams, MoEParams
+from pyro_mm.models.params import GaussianExpertParams, MoEParams, MultinomialExpertParams
 from pyro_mm.models.priors import MoEPriors
 
 NUM_DRAWS = 100
@@ -144,6 +144,70 @@ def test_posterior_predictive_is_reproducible_by_seed(fits):
     other = to_inference_data(model, x, y, num_samples=5, seed=4)
     ppc = [idata.posterior_predictive["y"].values for idata in (first, again, other)]
     assert (ppc[0] == ppc[1]).all() and not (ppc[0] == ppc[2]).all()
+
+
+def _two_far_apart_draws(model):
+    """Two parameter draws of a 2-expert, 1-input Gaussian model whose outputs sit near 0 and
+    near 50 (tiny variance), whatever the gate says."""
+    gate = torch.zeros(2, 1, 2, dtype=torch.float64)
+    weight = torch.zeros(2, 2, 1, 2, dtype=torch.float64)
+    weight[1, :, 0, 0] = 50.0
+    variance = torch.full((2, 2, 1), 1e-4, dtype=torch.float64)
+    return {"gate_weight": gate, "expert_weight": weight, "expert_variance": variance}
+
+
+class _ModelWithoutSampler(GaussianMoE):
+    """A model with no sampler of its own: its posterior predictive goes through Predictive."""
+
+    sample = None
+
+
+@pytest.mark.parametrize("model_class", [GaussianMoE, _ModelWithoutSampler])
+def test_each_predictive_draw_uses_its_own_parameter_draw(model_class):
+    x, y = _data(num_samples=50)
+    model = model_class(2, 1).double()
+    idata = to_inference_data(model, x, y, _two_far_apart_draws(model), num_samples=2)
+    predictive = torch.as_tensor(idata.posterior_predictive["y"].values[0, :, :, 0])
+    assert predictive.shape == (2, 50)
+    assert predictive[0].abs().max() < 0.1
+    assert (predictive[1] - 50.0).abs().max() < 0.1
+
+
+def test_model_sampler_and_predictive_draw_the_same_distribution(fits):
+    # The model's own sampler and Pyro's Predictive (the path for a model without one) give
+    # the same posterior predictive distribution: per row, the mean over 400 draws of each
+    # differs by less than 5 standard errors of the difference.
+    x, y = fits["data"]
+    em = fits["models"]["em"]
+    twin = _ModelWithoutSampler(2, 1).double()
+    twin.set_params(em.get_params())
+    draws = [
+        torch.as_tensor(to_inference_data(m, x, y, num_samples=400).posterior_predictive.y.values)
+        for m in (em, twin)
+    ]
+    mine, pyros = (d[0, :, :, 0] for d in draws)
+    standard_error = ((mine.var(0) + pyros.var(0)) / 400).sqrt()
+    assert ((mine.mean(0) - pyros.mean(0)).abs() < 5 * standard_error).float().mean() > 0.99
+    assert abs(mine.var(0).mean() / pyros.var(0).mean() - 1) < 0.05
+
+
+def test_multinomial_posterior_predictive_draws_class_labels():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 2, dtype=torch.float64, generator=generator)
+    model = MultinomialMoE(2, 2, 3).double()
+    gate, weight = (
+        2 * torch.randn(shape, dtype=torch.float64, generator=generator)
+        for shape in [(1, 3), (2, 2, 3)]
+    )
+    model.set_params(MoEParams(gate=gate, experts=MultinomialExpertParams(weight=weight)))
+    y, _ = model.sample(x, generator=generator)
+    idata = to_inference_data(model, x, y, num_samples=200)
+    predictive = torch.as_tensor(idata.posterior_predictive["y"].values[0])
+    assert predictive.shape == (200, 300) and predictive.dtype == torch.int64
+    assert predictive.min() >= 0 and predictive.max() <= 2
+    # Class frequencies over the draws follow the predicted class probabilities.
+    frequencies = torch.stack([(predictive == c).double().mean(0) for c in range(3)], -1)
+    assert (frequencies - model.predict(x)).abs().mean() < 0.03
 
 
 def _compare_numbers_of_experts(seed):

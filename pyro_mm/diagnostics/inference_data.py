@@ -10,7 +10,7 @@ Whatever produced the fit, it ends up as draws of the model's parameter sites:
 * a dict ``site name -> (S, ...)`` of draws (e.g. ``MCMC.get_samples()``).
 
 From the draws come the groups ``posterior`` (experts relabelled to a common reference),
-``posterior_predictive`` (``y`` drawn through :class:`pyro.infer.Predictive`), ``log_likelihood``
+``posterior_predictive`` (one ``y`` per draw, from the model's ``sample``), ``log_likelihood``
 (pointwise ``log p(y_n | x_n, theta_s)`` named ``y``, for ``az.loo``, ``az.waic``,
 ``az.compare``), ``observed_data`` (``y``) and ``constant_data`` (``x``).
 """
@@ -162,8 +162,20 @@ def _names(names, count: int, default_prefix: str, what: str) -> list:
     return names
 
 
-def _posterior_predictive(model, x, sites: ParameterSites, draws: dict):
-    """``(S, N, ...)`` draws of ``y``, one per parameter draw."""
+def _posterior_predictive(model, x, sites: ParameterSites, draws: dict, params: list, count: int):
+    """``(S, N, ...)`` draws of ``y``, one per parameter draw (``params`` holds the draws, or
+    one point estimate that all ``count`` predictive draws use).
+
+    A model with its own sampler (``sample(x, params)``, as every pyro_mm model has) is called
+    once per draw: it draws from the same ``p(y | x)`` as the Pyro model, at a third of the cost
+    of tracing the model once per draw as :class:`pyro.infer.Predictive` does. Any other model
+    goes through ``Predictive``.
+    """
+    if callable(getattr(model, "sample", None)):
+        per_draw = params if len(params) == count else params * count
+        return torch.stack([model.sample(x, draw)[0] for draw in per_draw])
+    if len(params) != count:
+        draws = {name: value.expand((count,) + value.shape[1:]) for name, value in draws.items()}
     predictive = Predictive(
         lift_parameters(model, sites), posterior_samples=draws, return_sites=["y"]
     )
@@ -181,9 +193,7 @@ def _evaluate(model, x, y, sites: ParameterSites, draws: dict, point: bool, coun
         for index in range(unique)
     ]
     log_likelihood = torch.stack([model.log_prob(x, y, p) for p in params])
-    if point:
-        draws = {name: value.expand((count,) + value.shape[1:]) for name, value in draws.items()}
-    predictive = _posterior_predictive(model, x, sites, draws)
+    predictive = _posterior_predictive(model, x, sites, draws, params, count)
     return params, log_likelihood.expand(count, -1), predictive
 
 
