@@ -63,7 +63,8 @@ def mixing_measure(
     num_columns = gate.shape[-1]
     if not -num_columns <= intercept_column < num_columns:
         raise ValueError(
-            f"intercept_column={intercept_column} is not a column of the {num_columns} gate features"
+            f"intercept_column={intercept_column} is not a column of the {num_columns} gate "
+            "features"
         )
     full_gate = torch.nn.functional.pad(gate, (0, 0, 0, 1))
     beta = full_gate[:, intercept_column]

@@ -32,7 +32,8 @@ def _softplus(eta):
 
 
 def _jj_upper(eta, xi):
-    """``f(xi) + f'(xi)(eta - xi) + lambda(xi)(eta - xi)^2`` with ``2 lambda = sample_curvature``."""
+    """``f(xi) + f'(xi)(eta - xi) + lambda(xi)(eta - xi)^2`` with
+    ``2 lambda = sample_curvature``."""
     half_curvature = JaakkolaJordanBound.sample_curvature(xi) / 2
     return _softplus(xi) + torch.sigmoid(xi) * (eta - xi) + half_curvature * (eta - xi).square()
 

@@ -1,4 +1,5 @@
-"""The MM surrogate is a majoriser that touches the NLL, and each closed-form solve is its argmin."""
+"""The MM surrogate is a majoriser that touches the NLL, and each closed-form solve is its
+argmin."""
 
 import math
 

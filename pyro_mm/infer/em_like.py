@@ -55,7 +55,8 @@ def check_fit_setup(model, algorithm: str, *, init: str, ridge, variance_floor, 
 
 
 def positive_number(name: str, value) -> float:
-    """``value`` as a float, or a ``ValueError`` naming ``name`` unless it is a finite number > 0."""
+    """``value`` as a float, or a ``ValueError`` naming ``name`` unless it is a finite number
+    > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     if not 0.0 < float(value) < float("inf"):

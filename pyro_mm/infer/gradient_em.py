@@ -4,7 +4,8 @@ With responsibilities ``tau`` from the E-step at ``theta_t`` and the M-step obje
 ``Q(theta | theta_t) = -avg_n sum_k tau_nk log[g_k(x_n; W) e_k(y_n | x_n; theta_E)]``,
 
 .. math:: W_{t+1} = W_t - \gamma_{gate} \nabla_W Q(\theta_t \mid \theta_t), \qquad
-          \theta_{E,t+1} = \theta_{E,t} - \gamma_{experts} \nabla_{\theta_E} Q(\theta_t \mid \theta_t).
+          \theta_{E,t+1} = \theta_{E,t}
+          - \gamma_{experts} \nabla_{\theta_E} Q(\theta_t \mid \theta_t).
 
 The gradients are taken in the model's unconstrained Pyro coordinates (the identity for weights,
 ``log`` for variances), so constrained parameters stay valid. Because

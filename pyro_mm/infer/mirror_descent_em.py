@@ -11,9 +11,10 @@ of the E-step. With step size ``eta`` in ``(0, 1]`` one step is, in mean-paramet
 equivalently ``theta_{t+1} = argmin_theta eta Q(theta | theta_t) + (1 - eta) K(theta_t, theta)``
 with ``K(theta_t, theta) = avg_n KL(p_{theta_t}(y, z | x_n) || p_theta(y, z | x_n))``. Per block:
 
-* **gate** (exact, no projection needed): ``grad A(W) = avg_n g(x_n; W) u_n^T``, so the step is the
-  soft-label softmax regression with targets ``(1 - eta) g(x; W_t) + eta tau``, solved by Newton
-  to a gradient tolerance: ``avg g(x; W_{t+1}) u^T = (1 - eta) avg g(x; W_t) u^T + eta avg tau u^T``.
+* **gate** (exact, no projection needed): ``grad A(W) = avg_n g(x_n; W) u_n^T``, so the step is
+  the soft-label softmax regression with targets ``(1 - eta) g(x; W_t) + eta tau``, solved by
+  Newton to a gradient tolerance:
+  ``avg g(x; W_{t+1}) u^T = (1 - eta) avg g(x; W_t) u^T + eta avg tau u^T``.
   The same targets serve every gate (:mod:`pyro_mm.models.gates`): the gate's part of
   ``K(theta_t, theta)`` is ``-avg_n sum_k g_k(x_n; W_t) log g_k(x_n; W)`` up to a constant, so the
   step is that gate's exact M-step (its block's ``exact_m_step``) with the mixed targets, and
@@ -29,9 +30,9 @@ with ``K(theta_t, theta) = avg_n KL(p_{theta_t}(y, z | x_n) || p_theta(y, z | x_
   projected mirror descent.
 
 ``eta = 1`` is EM step for step; ``eta < 1`` is a damped EM that still never increases the NLL:
-``K >= 0`` and ``K(theta_t, theta_t) = 0`` give ``Q(theta_{t+1} | theta_t) <= Q(theta_t | theta_t)``,
-and ``L = Q(. | theta_t) - H(. | theta_t)`` with ``H(. | theta_t)`` (the cross-entropy of the
-posterior of ``z``) minimal at ``theta_t``.
+``K >= 0`` and ``K(theta_t, theta_t) = 0`` give
+``Q(theta_{t+1} | theta_t) <= Q(theta_t | theta_t)``, and ``L = Q(. | theta_t) - H(. | theta_t)``
+with ``H(. | theta_t)`` (the cross-entropy of the posterior of ``z``) minimal at ``theta_t``.
 
 **Stochastic version.** Given a mini-batch ``B`` instead of the data set, the same formula is used
 with the batch's statistics *and* the batch's mean parameters (targets mixed on the current

@@ -205,7 +205,8 @@ class MixtureOfExperts(PyroModule):
         return prior_distributions(self._priors, self._constrained_params())
 
     def require_no_priors(self, method: str) -> None:
-        """Raises for a fitting ``method`` that maximises the likelihood and cannot honour priors."""
+        """Raises for a fitting ``method`` that maximises the likelihood and cannot honour
+        priors."""
         if self.has_priors:
             raise ValueError(
                 f"{method} maximises the likelihood and would ignore the priors on "

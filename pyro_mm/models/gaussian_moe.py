@@ -176,7 +176,8 @@ class GaussianMoE(MixtureOfExperts):
         return gaussian_expert_log_prob(expert_params, expert_features, y)
 
     def predict(self, x, params: MoEParams = None) -> torch.Tensor:
-        r"""The regression function ``E[y | x] = sum_k g_k(x) mu_k(x)`` (paper eq. 14), ``(N, Q)``."""
+        r"""The regression function ``E[y | x] = sum_k g_k(x) mu_k(x)`` (paper eq. 14),
+        ``(N, Q)``."""
         x = self.check_x(x)
         params = self.get_params() if params is None else params
         u, r = self.features(x)

@@ -1,4 +1,5 @@
-"""Softmax-gated mixture of multinomial-logistic classification experts (the paper's Section 4.2)."""
+"""Softmax-gated mixture of multinomial-logistic classification experts (the paper's
+Section 4.2)."""
 
 import pyro.distributions as dist
 import torch

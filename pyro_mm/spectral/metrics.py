@@ -35,7 +35,8 @@ def _permutations(num_experts: int):
 def _check_pair(estimate, truth, name):
     if estimate.shape != truth.shape:
         raise ValueError(
-            f"{name}: estimate {tuple(estimate.shape)} and truth {tuple(truth.shape)} differ in shape"
+            f"{name}: estimate {tuple(estimate.shape)} and truth {tuple(truth.shape)} differ in "
+            "shape"
         )
 
 
