@@ -1,8 +1,9 @@
 """Laplace approximation of the posterior around a point estimate (MM, EM, MAP).
 
 In the unconstrained coordinates of the parameter sites (gate and expert weights as they are,
-log-variances for variances: the bijections Pyro's autoguides use), the negative log-likelihood
-of the full data set is expanded to second order at the point estimate ``u``:
+log-variances for variances: the bijections Pyro's autoguides use; a covariance matrix by the
+``Q (Q + 1) / 2`` entries of its Cholesky factor, the diagonal's logarithms), the negative
+log-likelihood of the full data set is expanded to second order at the point estimate ``u``:
 
 .. math:: p(u' \\mid \\mathcal{D}) \\approx \\mathcal{N}\\big(u';\\ u,\\ H^{-1}\\big),
     \\qquad H = \\nabla^2_u \\Big(-\\sum_n \\log p(y_n \\mid x_n; u)\\Big),
@@ -16,7 +17,8 @@ import warnings
 
 import torch
 from pyro import poutine
-from torch.distributions import biject_to
+from torch.distributions import biject_to, constraints, transform_to
+from torch.distributions.transforms import ComposeTransform, Transform
 
 from ..models.base import MixtureOfExperts
 from .sites import ParameterSites, fix_sites, module_parameters_only, parameter_sites
@@ -104,21 +106,84 @@ class LaplacePosterior:
         )
 
 
+class _LowerTriangle(Transform):
+    """The ``n (n + 1) / 2`` entries on and below the diagonal of ``(..., n, n)`` matrices, from
+    a vector (zeros above the diagonal). Followed by a map that reads only those entries (the
+    ``transform_to`` of a Cholesky-type constraint), it is a bijection from free coordinates."""
+
+    domain = constraints.independent(constraints.real, 1)
+    codomain = constraints.independent(constraints.real, 2)
+    bijective = True
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+        self.rows, self.cols = torch.tril_indices(size, size)
+
+    def _call(self, vector):
+        matrix = vector.new_zeros(vector.shape[:-1] + (self.size, self.size))
+        matrix[..., self.rows, self.cols] = vector
+        return matrix
+
+    def _inverse(self, matrix):
+        return matrix[..., self.rows, self.cols]
+
+    def forward_shape(self, shape):
+        return tuple(shape[:-1]) + (self.size, self.size)
+
+    def inverse_shape(self, shape):
+        return tuple(shape[:-2]) + (self.rows.numel(),)
+
+
+# Constraints whose Pyro parameterisation (``transform_to``) reads only the lower triangle of an
+# unconstrained square matrix; torch has no ``biject_to`` for them.
+_TRIANGULAR = (constraints.positive_definite, constraints.lower_cholesky)
+
+
+def _site_bijection(name: str, constraint, shape) -> Transform:
+    """The bijection from unconstrained coordinates to the values of site ``name``:
+    ``biject_to(constraint)``, or for a positive definite (or lower Cholesky) matrix its Pyro
+    parameterisation from the lower triangle.
+
+    :raises ValueError: for a constraint with neither.
+    """
+    try:
+        return biject_to(constraint)
+    except NotImplementedError:
+        pass
+    base = constraint
+    while isinstance(base, constraints.independent):
+        base = base.base_constraint
+    if any(base is triangular for triangular in _TRIANGULAR):
+        return ComposeTransform([_LowerTriangle(shape[-1]), transform_to(constraint)])
+    raise ValueError(
+        f"the parameter site {name!r} has constraint {constraint}, for which there is no "
+        "bijection to unconstrained coordinates: the Laplace approximation cannot cover it"
+    )
+
+
+def _bijections(sites: ParameterSites) -> dict:
+    return {
+        name: _site_bijection(name, sites.constraints[name], sites.shapes[name])
+        for name in sites.names
+    }
+
+
 def _constrained(sites: ParameterSites, unconstrained: torch.Tensor) -> dict:
     values, start = {}, 0
     batch = unconstrained.shape[:-1]
-    for name in sites.names:
-        shape = sites.shapes[name]
+    for name, bijection in _bijections(sites).items():
+        shape = bijection.inverse_shape(sites.shapes[name])
         size = math.prod(shape)
-        block = unconstrained[..., start : start + size].reshape(batch + shape)
-        values[name] = biject_to(sites.constraints[name])(block)
+        block = unconstrained[..., start : start + size].reshape(batch + tuple(shape))
+        values[name] = bijection(block)
         start += size
     return values
 
 
 def _unconstrained_vector(sites: ParameterSites, values: dict) -> torch.Tensor:
     blocks = [
-        biject_to(sites.constraints[name]).inv(values[name]).reshape(-1) for name in sites.names
+        bijection.inv(values[name]).reshape(-1) for name, bijection in _bijections(sites).items()
     ]
     return torch.cat(blocks)
 
