@@ -66,6 +66,33 @@ def test_predictive_and_svi_work_on_the_same_object():
     assert set(pyro.get_param_store().keys()) == {"gate_weight", "expert_weight", "expert_variance"}
 
 
+def _constant_model(num_experts, level):
+    """A fitted-looking model whose every expert predicts ``level`` with a tiny variance."""
+    model = GaussianMoE(num_experts, 1).double()
+    params = model.get_params()
+    params.experts.weight.zero_()[..., 0] = level
+    params.experts.variance.fill_(1e-4)
+    model.set_params(params)
+    return model
+
+
+def test_models_with_the_same_parameter_names_each_run_with_their_own_values():
+    # Pyro's param store keys parameters by name: without care, the second model called would
+    # run with (and keep) the first one's tensors, silently, or fail on their shapes.
+    x = torch.randn(30, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    first, second = _constant_model(2, 0.0), _constant_model(3, 50.0)
+    kept = {id(model): model.get_params() for model in (first, second)}
+    for model, level in ((first, 0.0), (second, 50.0), (first, 0.0), (second, 50.0)):
+        draws = Predictive(model, num_samples=20)(x)["y"]
+        assert (draws - level).abs().max() < 0.1
+        trace = pyro.poutine.trace(model).get_trace(x)
+        assert trace.nodes["expert_weight"]["value"].shape[0] == model.num_experts
+    for model in (first, second):
+        assert torch.equal(model.get_params().experts.weight, kept[id(model)].experts.weight)
+    # The store holds the parameters of the model called last.
+    assert pyro.get_param_store()["expert_weight"].shape[0] == 3
+
+
 def test_constructor_rejects_bad_sizes():
     with pytest.raises(ValueError, match="num_experts"):
         GaussianMoE(0, 2)

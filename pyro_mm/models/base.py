@@ -45,6 +45,12 @@ class MixtureOfExperts(PyroModule):
     model is then called under ``poutine.lift``, which turns each parameter with a prior into a
     latent sample site of the same name, while the module's parameters keep a point estimate.
 
+    Called as a Pyro model (``Predictive``, ``SVI``, ``poutine.trace``), a model runs with its
+    own parameters and registers them in Pyro's param store under their names (``gate_weight``,
+    ``expert_weight``, ...), replacing another model's entries of the same names: several fitted
+    models can be used one after another without ``pyro.clear_param_store()``. To restore
+    parameters, use ``set_param_values`` or ``load_state_dict``, not a loaded param store.
+
     :param int num_experts: number of experts ``K``.
     :param int in_features: number of input columns ``P``.
     :param gate_degree: polynomial degree of the gate, or a feature map.
@@ -215,11 +221,29 @@ class MixtureOfExperts(PyroModule):
             )
 
     def __call__(self, *args, **kwargs):
+        self._claim_param_store_names()
         priors = self.prior_distributions()
         if not priors:
             return super().__call__(*args, **kwargs)
         sites = {self.site_name(name): prior for name, prior in priors.items()}
         return poutine.lift(super().__call__, prior=sites)(*args, **kwargs)
+
+    def _claim_param_store_names(self) -> None:
+        """Lets this model's own parameters, not another tensor stored under their names, serve
+        the Pyro model.
+
+        When Pyro's global param store holds a different tensor under one of this model's site
+        names (another model with the same names called before, e.g. a K = 2 fit and then a
+        K = 3 one), PyroModule would replace the module's parameter by it during the call: a
+        fitted model would silently run, and from then on hold, the other model's values. Such an
+        entry is dropped, and PyroModule registers this model's own parameter in its place.
+        """
+        store = pyro.get_param_store()
+        stored = dict(store.named_parameters())
+        for name in self._pyro_params:
+            site = self.site_name(name)
+            if site in stored and stored[site] is not self._parameters[name + "_unconstrained"]:
+                del store[site]
 
     # ----------------------------------------------------------------------- expert family
     def get_expert_params(self):
