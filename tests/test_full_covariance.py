@@ -399,3 +399,32 @@ def test_laplace_posterior_and_arviz_cover_full_covariance_experts():
         warnings.simplefilter("ignore", UserWarning)  # ArviZ on the Pareto shapes of 300 rows
         loo = az.loo(idata)
     assert math.isfinite(loo.elpd_loo) and loo.p_loo > 1.0
+
+
+def test_a_wishart_prior_on_the_covariances_fits_by_map_and_gaussian_guides_are_refused():
+    # A prior in float64 on a model built in float32 is rebuilt in the parameters' dtype; a
+    # Wishart's covariance, precision and Cholesky factor must not all be passed back to it.
+    from pyro.infer.autoguide import AutoDelta, AutoNormal
+
+    from pyro_mm import MoEPriors
+    from pyro_mm.diagnostics import to_inference_data
+
+    wishart = pyro.distributions.Wishart(
+        torch.tensor(4.0, dtype=torch.float64), covariance_matrix=torch.eye(2, dtype=torch.float64)
+    ).expand([2])
+
+    def make():
+        priors = MoEPriors(overrides={"expert_covariance": wishart})
+        return FullCovarianceGaussianMoE(2, 2, 2, priors=priors).double()
+
+    x, y = _correlated_data(num_rows=600)
+    model = make()
+    fit = SVIFit(model, guide=AutoDelta, optim_args={"lr": 0.05}, init="kmeans", seed=0)
+    history = fit.fit(x, y, batch_size=600, epochs=150, progress=False)
+    assert history.loss[-1] < history.loss[0]
+    covariance = model.get_params().experts.covariance
+    assert torch.linalg.eigvalsh(covariance).min() > 0
+    idata = to_inference_data(model, x, y, fit.guide, num_samples=4)
+    assert idata.posterior["expert_covariance"].shape == (1, 4, 2, 2, 2)
+    with pytest.raises(ValueError, match="no bijection to the support.*'expert_covariance'"):
+        SVIFit(make(), guide=AutoNormal)

@@ -12,7 +12,8 @@ import pyro.optim
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoGuide, init_to_value
+from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoNormal, init_to_value
+from torch.distributions import biject_to
 
 from ..init import check_init, initial_params
 from ..models.base import MixtureOfExperts
@@ -129,6 +130,7 @@ class SVIFit:
             raise TypeError(f"a guide class must be an autoguide, got {guide.__name__}")
         if guide_args and not isinstance(guide, type):
             raise ValueError("guide_args apply only when guide is an autoguide class")
+        _check_guide_can_cover_supports(guide, model)
         check_init(init)
         if num_data is not None and (
             isinstance(num_data, bool) or int(num_data) != num_data or num_data < 1
@@ -507,3 +509,20 @@ class SVIFit:
             self.model.set_param_values(self.guide.median(x, y, num_data=self._num_data(x)))
         else:
             self.model.fitted = True
+
+
+def _check_guide_can_cover_supports(guide, model) -> None:
+    """Raises for a Gaussian autoguide class and a prior whose support torch cannot map to
+    unconstrained coordinates (``biject_to``, e.g. a Wishart prior on a covariance matrix), which
+    would otherwise fail inside Pyro at the first step."""
+    if not (isinstance(guide, type) and issubclass(guide, (AutoNormal, AutoContinuous))):
+        return
+    for name, prior in model.prior_distributions().items():
+        try:
+            biject_to(prior.support)
+        except NotImplementedError:
+            raise ValueError(
+                f"{guide.__name__} draws every latent variable in unconstrained coordinates, "
+                f"and torch has no bijection to the support {prior.support} of the prior on "
+                f"{name!r}; use guide=AutoDelta (MAP), or a prior with another support"
+            ) from None

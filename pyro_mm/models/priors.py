@@ -172,6 +172,11 @@ def _in_dtype(name: str, prior: Distribution, dtype: torch.dtype) -> Distributio
     """``prior`` rebuilt from its parameters in ``dtype`` (``dist.Normal(0., 2.)`` is float32,
     the models float64): a prior's draws must match the parameters' dtype."""
     arguments = {key: getattr(prior, key) for key in prior.arg_constraints}
+    if "scale_tril" in arguments:
+        # MultivariateNormal, Wishart, ...: the covariance, precision and Cholesky factor are
+        # alternative parameterisations, of which the constructor takes exactly one.
+        arguments.pop("covariance_matrix", None)
+        arguments.pop("precision_matrix", None)
     if all(not torch.is_tensor(v) or v.dtype == dtype for v in arguments.values()):
         rebuilt = prior
     else:
@@ -179,7 +184,7 @@ def _in_dtype(name: str, prior: Distribution, dtype: torch.dtype) -> Distributio
             rebuilt = type(prior)(
                 **{k: v.to(dtype) if torch.is_tensor(v) else v for k, v in arguments.items()}
             )
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, AssertionError) as err:
             raise TypeError(
                 f"the prior of {name!r} cannot be converted to {dtype} ({err}); build it from "
                 f"tensors of dtype {dtype}"
