@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 
 from pyro_mm import ConstantStep, GaussianMoE, IncrementalMM
@@ -201,6 +202,22 @@ def test_fits_of_models_with_the_same_names_do_not_share_parameters(data):
     loss = first.step(x, y)
     assert loss == pytest.approx(-first.model.log_prob(x, y).mean().item(), abs=0.1)
     assert loss == pytest.approx(-_model(kept).log_prob(x, y).mean().item(), rel=1e-12)
+
+
+def test_vectorised_draws_of_latent_parameters_are_refused_with_a_clear_error(data):
+    # Predictive(parallel=True) draws every latent parameter with a leading batch dimension,
+    # which the models' per-draw code cannot broadcast: a clear error, not a shape error from
+    # deep inside (the sequential Predictive, and a model without priors, work).
+    truth, x, y = data
+    model = _model(truth, priors=MoEPriors())
+    fit = SVIFit(model, guide=AutoNormal, optim_args={"lr": 0.05}, init="current", seed=0)
+    fit.fit(x, y, batch_size=200, epochs=2, progress=False)
+    pyro.clear_param_store()  # the guide's own parameters, not another fit's of the same names
+    assert Predictive(model, guide=fit.guide, num_samples=5)(x)["y"].shape == (5, 400, 1)
+    with pytest.raises(ValueError, match=r"leading batch dimensions.*parallel=False"):
+        Predictive(model, guide=fit.guide, num_samples=5, parallel=True)(x)
+    point = Predictive(_model(truth), num_samples=5, parallel=True)(x)["y"]
+    assert point.shape == (5, 400, 1)
 
 
 def test_svi_draws_are_reproducible_and_leave_the_global_random_state_alone(data):

@@ -8,6 +8,8 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.nn import PyroModule, PyroParam
+from pyro.poutine.plate_messenger import PlateMessenger
+from pyro.poutine.runtime import _PYRO_STACK
 from torch.distributions import transform_to
 from torch.distributions.transforms import identity_transform
 
@@ -26,6 +28,12 @@ def _inverse_transform(constraint):
     ``None`` for an unconstrained parameter, which is copied as is."""
     inverse = transform_to(constraint).inv
     return None if inverse == identity_transform else inverse
+
+
+def _inside_outer_plate() -> bool:
+    """Whether the model runs inside a ``pyro.plate`` of its caller (it opens its own data plate
+    only after building the observation distribution)."""
+    return any(isinstance(frame, PlateMessenger) for frame in _PYRO_STACK)
 
 
 class MixtureOfExperts(PyroModule):
@@ -292,7 +300,16 @@ class MixtureOfExperts(PyroModule):
         x = self.check_x(x)
         if y is not None:
             y = self.check_y(y, x.shape[0])
-        distribution = self.observation_distribution(*self.features(x))
+        try:
+            distribution = self.observation_distribution(*self.features(x))
+        except (ValueError, RuntimeError) as err:
+            if self.has_priors and _inside_outer_plate():
+                raise ValueError(
+                    "the model's latent parameters were drawn with leading batch dimensions (an "
+                    "outer pyro.plate, e.g. Predictive(..., parallel=True)); pyro_mm models "
+                    "evaluate one parameter draw at a time: use Predictive(..., parallel=False)"
+                ) from err
+            raise
         size = x.shape[0] if num_data is None else num_data
         with pyro.plate("data", size=size, subsample=torch.arange(x.shape[0])):
             return pyro.sample("y", distribution, obs=y)
