@@ -246,6 +246,8 @@ class MixtureOfExperts(PyroModule):
         fitted model would silently run, and from then on hold, the other model's values. Such an
         entry is dropped, and PyroModule registers this model's own parameter in its place.
         """
+        if pyro.settings.get("module_local_params"):
+            return  # PyroModules then never read the store
         store = pyro.get_param_store()
         stored = dict(store.named_parameters())
         for name in self._pyro_params:
