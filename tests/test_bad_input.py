@@ -17,6 +17,7 @@ expert with no responsibility            | keeps its parameters, counted in empt
 variance collapsing to zero              | floored at variance_floor, counted in floored_variances
 any of the errors with on_bad_batch=skip | batch skipped, counted in skipped_batches, nan loss
 label out of range (MultinomialMoE)      | ValueError naming the labels and rows, state unchanged
+model converted to another dtype mid-fit | TypeError naming both dtypes, state unchanged (every class)
 """
 
 import math
@@ -25,7 +26,7 @@ import pytest
 import torch
 from helpers import assert_trees_identical
 
-from pyro_mm import GaussianMoE, IncrementalMM
+from pyro_mm import EM, GaussianMoE, GradientEM, IncrementalMM, MirrorDescentEM, SVIFit
 from pyro_mm.datasets import gaussian_moe_stream, gaussian_moe_truth, sample_gaussian_moe
 from pyro_mm.datasets.synthetic import multinomial_moe_stream, multinomial_moe_truth
 from pyro_mm.infer.state import tree_state
@@ -258,3 +259,30 @@ def test_a_label_out_of_range_mid_stream_changes_nothing(label):
         infer.step(x, bad)
     assert_trees_identical(_state(infer), before)
     assert math.isfinite(infer.step(x, y))
+
+
+_FITS = {
+    "IncrementalMM": lambda model: IncrementalMM(model, polyak_start=1),
+    "EM": lambda model: EM(model),
+    "MirrorDescentEM": lambda model: MirrorDescentEM(model, step_size=0.5),
+    "GradientEM": lambda model: GradientEM(model, lr_gate=0.1, lr_experts=0.1),
+    "SVIFit": lambda model: SVIFit(model, seed=0),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_FITS))
+def test_a_model_converted_to_another_dtype_mid_fit_is_named(method):
+    # The fit keeps its statistics and parameters in its own dtype: a model cast with .float()
+    # after the fit began would otherwise fail in a matrix product with a bare dtype error.
+    truth = gaussian_moe_truth(2, 3, seed=0)
+    batches = list(gaussian_moe_stream(truth, 100, 3, seed=2))
+    model = GaussianMoE(2, 3)
+    infer = _FITS[method](model)
+    infer.step(*batches[0])
+    model.float()
+    before = _state(infer)
+    with pytest.raises(TypeError, match="model's parameters are torch.float32 but this fit"):
+        infer.step(*batches[1])
+    assert_trees_identical(_state(infer), before)
+    model.double()
+    assert math.isfinite(infer.step(*batches[1]))

@@ -6,7 +6,7 @@ import torch
 
 from ..validation import as_tensor
 
-__all__ = ["iterate_batches"]
+__all__ = ["check_batch", "iterate_batches"]
 
 
 def iterate_batches(x, y=None, batch_size: int = None, epochs: int = 1) -> Iterator[Tuple]:
@@ -44,6 +44,23 @@ def iterate_batches(x, y=None, batch_size: int = None, epochs: int = 1) -> Itera
     for _ in range(int(epochs)):
         for start in range(0, num_rows, int(batch_size)):
             yield x_all[start : start + batch_size], y_all[start : start + batch_size]
+
+
+def check_batch(model, dtype: torch.dtype, x, y, finite: bool = True):
+    """``(x, y)`` validated for ``model`` (cast to its dtype) by a fit that works in ``dtype``.
+
+    :raises TypeError: when the model's parameters are no longer in ``dtype`` (the model was
+        converted, e.g. with ``.float()``, after the fit began), before any state changes.
+    :raises ValueError: for a bad batch (see the model's ``check_x`` and ``check_y``).
+    """
+    if model.dtype != dtype:
+        raise TypeError(
+            f"the model's parameters are {model.dtype} but this fit works in {dtype}: the model "
+            f"was converted after the fit began; convert it back (model.to({dtype})) or start "
+            "a new fit"
+        )
+    x = model.check_x(x, finite)
+    return x, model.check_y(y, x.shape[0], finite)
 
 
 def _pairs(stream: Iterable) -> Iterator[Tuple]:

@@ -10,7 +10,7 @@ from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_leaves, tree_to
 from ..surrogates.mixture import e_step
 from ..surrogates.registry import expert_surrogate_with_bound, gate_surrogate_for
-from .batches import iterate_batches
+from .batches import check_batch, iterate_batches
 from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
 from .state import (
@@ -218,8 +218,7 @@ class EMLikeInference:
 
     # --------------------------------------------------------------------------- internals
     def _check_batch(self, x, y):
-        x = self.model.check_x(x)
-        return x, self.model.check_y(y, x.shape[0])
+        return check_batch(self.model, self.dtype, x, y)
 
     def _prepare(self, x, y):
         """Validates a batch, initialises on the first one, and runs the E-step at ``theta_t``.

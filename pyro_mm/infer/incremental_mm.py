@@ -14,7 +14,7 @@ from ..surrogates.registry import (
     fused_statistics_for,
     gate_surrogate_for,
 )
-from .batches import iterate_batches
+from .batches import check_batch, iterate_batches
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
 from .em_like import check_fit_setup
 from .fit_loop import count_batches, fit_loop
@@ -214,8 +214,7 @@ class IncrementalMM:
 
     # ------------------------------------------------------------------------------ checks
     def _check_batch(self, x, y):
-        x = self.model.check_x(x)
-        return x, self.model.check_y(y, x.shape[0])
+        return check_batch(self.model, self.dtype, x, y)
 
     @property
     def _defers_finiteness(self) -> bool:
@@ -235,8 +234,7 @@ class IncrementalMM:
         collective that tells the other ranks about the error before raising it."""
         try:
             if self._defers_finiteness:
-                x = self.model.check_x(x, finite=False)
-                return x, self.model.check_y(y, x.shape[0], finite=False), None
+                return (*check_batch(self.model, self.dtype, x, y, finite=False), None)
             return (*self._check_batch(x, y), None)
         except (ValueError, TypeError) as err:
             if self.process_group is None:

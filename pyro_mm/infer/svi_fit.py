@@ -17,7 +17,7 @@ from torch.distributions import biject_to
 
 from ..init import check_init, initial_params
 from ..models.base import MixtureOfExperts
-from .batches import iterate_batches
+from .batches import check_batch, iterate_batches
 from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
 from .state import check_matching_options, qualified_name
@@ -190,8 +190,7 @@ class SVIFit:
 
     # ------------------------------------------------------------------------------ checks
     def _check_batch(self, x, y):
-        x = self.model.check_x(x)
-        return x, self.model.check_y(y, x.shape[0])
+        return check_batch(self.model, self.dtype, x, y)
 
     # -------------------------------------------------------------------------------- verbs
     def initialize(self, x, y) -> None:
