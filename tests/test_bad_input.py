@@ -18,6 +18,8 @@ variance collapsing to zero              | floored at variance_floor, counted in
 any of the errors with on_bad_batch=skip | batch skipped, counted in skipped_batches, nan loss
 label out of range (MultinomialMoE)      | ValueError naming the labels and rows, state unchanged
 model converted to another dtype mid-fit | TypeError naming both dtypes, state unchanged (every class)
+step size outside (0, 1] from a schedule | ValueError naming gamma and the step, state unchanged
+configuration errors with on_bad_batch   | raised all the same (the two rows above): not skipped
 """
 
 import math
@@ -286,3 +288,34 @@ def test_a_model_converted_to_another_dtype_mid_fit_is_named(method):
     assert_trees_identical(_state(infer), before)
     model.double()
     assert math.isfinite(infer.step(*batches[1]))
+
+
+@pytest.mark.parametrize("gamma", [1.5, 0.0, -0.2, float("nan")])
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_step_size_outside_the_unit_interval_is_refused_even_when_skipping(gamma, policy):
+    # Outside (0, 1] the statistics update is not a convex combination: the running Gram
+    # matrices could lose positive definiteness without any error. A bad schedule is the fit's
+    # configuration, so the skip policy (meant for bad batches) must not swallow it.
+    truth = gaussian_moe_truth(2, 3, seed=0)
+    batches = list(gaussian_moe_stream(truth, 100, 3, seed=2))
+    infer = IncrementalMM(
+        GaussianMoE(2, 3), schedule=lambda n: 0.5 if n < 3 else gamma, on_bad_batch=policy
+    )
+    infer.fit(batches[:2], progress=False)
+    before = _state(infer)
+    with pytest.raises(ValueError, match=r"schedule returned gamma = .* at step 3; it must lie"):
+        infer.step(*batches[2])
+    assert_trees_identical(_state(infer), before)
+    assert infer.regularisation["skipped_batches"] == 0
+
+
+def test_a_model_converted_mid_fit_is_refused_even_when_skipping():
+    truth = gaussian_moe_truth(2, 3, seed=0)
+    batches = list(gaussian_moe_stream(truth, 100, 2, seed=2))
+    model = GaussianMoE(2, 3)
+    infer = IncrementalMM(model, on_bad_batch="skip")
+    infer.step(*batches[0])
+    model.float()
+    with pytest.raises(TypeError, match="model's parameters are torch.float32"):
+        infer.step(*batches[1])
+    assert infer.regularisation["skipped_batches"] == 0

@@ -6,7 +6,7 @@ import torch
 
 from ..validation import as_tensor
 
-__all__ = ["check_batch", "iterate_batches"]
+__all__ = ["check_batch", "check_model_dtype", "iterate_batches"]
 
 
 def iterate_batches(x, y=None, batch_size: int = None, epochs: int = 1) -> Iterator[Tuple]:
@@ -46,19 +46,25 @@ def iterate_batches(x, y=None, batch_size: int = None, epochs: int = 1) -> Itera
             yield x_all[start : start + batch_size], y_all[start : start + batch_size]
 
 
-def check_batch(model, dtype: torch.dtype, x, y, finite: bool = True):
-    """``(x, y)`` validated for ``model`` (cast to its dtype) by a fit that works in ``dtype``.
-
-    :raises TypeError: when the model's parameters are no longer in ``dtype`` (the model was
-        converted, e.g. with ``.float()``, after the fit began), before any state changes.
-    :raises ValueError: for a bad batch (see the model's ``check_x`` and ``check_y``).
-    """
+def check_model_dtype(model, dtype: torch.dtype) -> None:
+    """Raises a ``TypeError`` when the model's parameters are no longer in ``dtype``, the dtype
+    of the fit (the model was converted, e.g. with ``.float()``, after the fit began)."""
     if model.dtype != dtype:
         raise TypeError(
             f"the model's parameters are {model.dtype} but this fit works in {dtype}: the model "
             f"was converted after the fit began; convert it back (model.to({dtype})) or start "
             "a new fit"
         )
+
+
+def check_batch(model, dtype: torch.dtype, x, y, finite: bool = True):
+    """``(x, y)`` validated for ``model`` (cast to its dtype) by a fit that works in ``dtype``.
+
+    :raises TypeError: when the model is no longer in ``dtype`` (:func:`check_model_dtype`),
+        before any state changes.
+    :raises ValueError: for a bad batch (see the model's ``check_x`` and ``check_y``).
+    """
+    check_model_dtype(model, dtype)
     x = model.check_x(x, finite)
     return x, model.check_y(y, x.shape[0], finite)
 

@@ -14,7 +14,7 @@ from ..surrogates.registry import (
     fused_statistics_for,
     gate_surrogate_for,
 )
-from .batches import check_batch, iterate_batches
+from .batches import check_batch, check_model_dtype, iterate_batches
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
 from .em_like import check_fit_setup
 from .fit_loop import count_batches, fit_loop
@@ -277,6 +277,13 @@ class IncrementalMM:
         :raises ValueError: (or ``TypeError``, ``FloatingPointError``) for a bad batch, before
             any state changes.
         """
+        # A model converted to another dtype, or a step size outside (0, 1], is the fit's own
+        # configuration, not the batch's: raised whatever on_bad_batch says (skipping would skip
+        # every batch). The schedule is the same on every rank; a rank's model is its own, so
+        # when distributed its dtype is checked with the batch, which the other ranks learn of.
+        if self.process_group is None:
+            check_model_dtype(self.model, self.dtype)
+        self._step_size()
         try:
             return self._step(x, y)
         except _BAD_BATCH_ERRORS as err:
@@ -340,11 +347,26 @@ class IncrementalMM:
         """``s_{n+1} = s_n + gamma_{n+1} (S(theta_n; z_{n+1}) - s_n)`` from the batch's statistics
         (a pure function of the state: :meth:`_step` commits it only when the step succeeds). At
         the first step ``s_0 = S(theta_0; z_1)`` is the batch's own statistic."""
-        gamma = float(self.schedule(self.num_steps + 1))
+        gamma = self._step_size()
         previous = batch_stats if self.statistics is None else self.statistics
         # One fused call for all the statistics' tensors (the same lerp, bit for bit).
         averaged = torch._foreach_lerp(tree_leaves(previous), tree_leaves(batch_stats), gamma)
         return tree_unflatten(batch_stats, averaged)
+
+    def _step_size(self) -> float:
+        """``gamma_{n+1}`` of the next step, from the schedule.
+
+        :raises ValueError: when it is not in ``(0, 1]``: the update is then no longer a convex
+            combination of statistics, and the running Gram matrices could lose positive
+            definiteness without any error.
+        """
+        gamma = float(self.schedule(self.num_steps + 1))
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(
+                f"the step-size schedule returned gamma = {gamma!r} at step "
+                f"{self.num_steps + 1}; it must lie in (0, 1]"
+            )
+        return gamma
 
     def evaluate_loss(self, x, y) -> float:
         """Mean negative log-likelihood of ``(x, y)`` at the current estimate (no state change)."""
