@@ -65,8 +65,10 @@ def check_batch(model, dtype: torch.dtype, x, y, finite: bool = True):
     :raises ValueError: for a bad batch (see the model's ``check_x`` and ``check_y``).
     """
     check_model_dtype(model, dtype)
-    x = model.check_x(x, finite)
-    return x, model.check_y(y, x.shape[0], finite)
+    # A fit treats its data as constants (x may come out of a network that tracks gradients;
+    # the K-means start reads it through NumPy).
+    x = model.check_x(x, finite).detach()
+    return x, model.check_y(y, x.shape[0], finite).detach()
 
 
 def _pairs(stream: Iterable) -> Iterator[Tuple]:
