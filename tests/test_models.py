@@ -7,6 +7,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro_mm import GaussianMoE
 from pyro_mm.datasets import gaussian_moe_truth, sample_gaussian_moe
 from pyro_mm.models import CallableFeatures, PolynomialFeatures
+from pyro_mm.models.params import tree_leaves
 
 
 def test_polynomial_features_have_one_intercept():
@@ -102,3 +103,42 @@ def test_constructor_rejects_bad_sizes():
         GaussianMoE(2, 2, out_features=0)
     with pytest.raises(TypeError, match="feature"):
         GaussianMoE(2, 2, gate_degree="two")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: p.experts.variance.fill_(-1.0), r"expert_variance has values outside"),
+        (lambda p: p.gate.fill_(float("nan")), "gate_weight has non-finite values"),
+        (lambda p: p.experts.weight.fill_(float("inf")), "expert_weight has non-finite values"),
+    ],
+)
+def test_invalid_parameters_are_refused_before_any_write(change, message):
+    # A negative variance used to be written as a NaN log-variance, silently.
+    model, truth = _fitted_model(num_experts=2, out_features=1)
+    before = model.get_params()
+    bad = model.get_params()
+    change(bad)
+    with pytest.raises(ValueError, match=message):
+        model.set_params(bad)
+    named = {
+        "gate_weight": bad.gate,
+        "expert_weight": bad.experts.weight,
+        "expert_variance": bad.experts.variance,
+    }
+    with pytest.raises(ValueError, match="has"):
+        model.set_param_values(named)
+    for left, right in zip(tree_leaves(model.get_params()), tree_leaves(before)):
+        assert torch.equal(left, right)
+
+
+def test_a_covariance_that_is_not_positive_definite_is_refused():
+    from pyro_mm.models import FullCovarianceGaussianMoE
+
+    model = FullCovarianceGaussianMoE(2, 1, 2).double()
+    params = model.get_params()
+    params.experts.covariance[1] = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"expert_covariance has values outside .*PositiveDef"):
+        model.set_params(params)
+    with pytest.raises(ValueError, match=r"gate_weight must have shape \(1, 2\), got \(3, 2\)"):
+        model.set_param_values({"gate_weight": torch.zeros(3, 2, dtype=torch.float64)})

@@ -159,7 +159,7 @@ class EMLikeInference:
             self.model, x, y, self.init, seed=self.seed, expert_surrogate=self.expert_surrogate
         )
         self.params, self.num_steps = params, 0
-        self.model.set_params(params)
+        self.model.set_params(params, validate=False)
 
     def evaluate_loss(self, x, y) -> float:
         """Mean negative log-likelihood of ``(x, y)`` at the current estimate (no state change)."""
@@ -214,7 +214,7 @@ class EMLikeInference:
         self.regularisation = dict(state["regularisation"])
         self.history = FitHistory(**state["history"])
         if params is not None:
-            self.model.set_params(params)
+            self.model.set_params(params, validate=False)
 
     # --------------------------------------------------------------------------- internals
     def _check_batch(self, x, y):
@@ -256,7 +256,7 @@ class EMLikeInference:
             self.regularisation["floored_variances"] += report.floored_variances
         if gate_fit is not None and not gate_fit.converged:
             self.regularisation["unconverged_gate_steps"] += 1
-        self.model.set_params(params)
+        self.model.set_params(params, validate=False)
 
     def _fit_stream(self, x, y, batch_size, epochs: int, progress: bool) -> FitHistory:
         """Runs ``step`` over ``iterate_batches(x, y, batch_size, epochs)`` with a progress bar."""

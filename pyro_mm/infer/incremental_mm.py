@@ -264,7 +264,7 @@ class IncrementalMM:
         self._warn_if_ill_conditioned(stats)
         self.params, self.statistics = params, stats
         self.averaged_params, self.num_steps = None, 0
-        self.model.set_params(params)
+        self.model.set_params(params, validate=False)
 
     def step(self, x, y) -> float:
         """One incremental MM step on a mini-batch.
@@ -340,7 +340,7 @@ class IncrementalMM:
         self.regularisation["empty_expert_steps"] += int(bool(report.empty_experts.any()))
         self.regularisation["floored_variances"] += report.floored_variances
         self._update_average()
-        self.model.set_params(self.estimate)
+        self.model.set_params(self.estimate, validate=False)
         return loss
 
     def _updated_statistics(self, batch_stats, num_rows: int):
@@ -573,7 +573,7 @@ class IncrementalMM:
         self.history = history
         self.stability_state = load_tree_state(state.get("stability_state"))
         if params is not None:
-            self.model.set_params(self.estimate)
+            self.model.set_params(self.estimate, validate=False)
 
     def _update_average(self) -> None:
         if self.polyak_start is None or self.num_steps < self.polyak_start:

@@ -505,7 +505,11 @@ class SVIFit:
 
     def _write_point_estimate(self, x, y) -> None:
         if isinstance(self.guide, torch.nn.Module):
-            self.model.set_param_values(self.guide.median(x, y, num_data=self._num_data(x)))
+            # The median is in the support by construction (Pyro's transforms) and finite (the
+            # step restores non-finite trained parameters before this).
+            self.model.set_param_values(
+                self.guide.median(x, y, num_data=self._num_data(x)), validate=False
+            )
         else:
             self.model.fitted = True
 

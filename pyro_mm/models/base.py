@@ -1,6 +1,7 @@
 """The part every softmax-gated mixture of experts shares: features, the gate, the parameter
 plumbing between a ``PyroModule`` and plain :class:`~pyro_mm.models.params.MoEParams`."""
 
+import dataclasses
 import functools
 from typing import Dict, Mapping
 
@@ -139,8 +140,22 @@ class MixtureOfExperts(PyroModule):
         with torch.no_grad():
             return MoEParams(gate=self._gate_params(clone=True), experts=self.get_expert_params())
 
-    def set_params(self, params: MoEParams) -> None:
-        """Writes parameters into the module (and so into Pyro's param store) in place."""
+    def set_params(self, params: MoEParams, validate: bool = True) -> None:
+        """Writes parameters into the module (and so into Pyro's param store) in place.
+
+        :param MoEParams params: the parameters.
+        :param bool validate: check every value (shape, finiteness, support: positive variances,
+            positive definite covariances) before writing any; the fitting classes, whose updates
+            are valid by construction and checked for finiteness, skip it on their hot path.
+        :raises ValueError: for an invalid value, before anything is written.
+        """
+        if validate:
+            named = dict(zip(self.gate.param_names, self.gate.leaves(params.gate)))
+            for field in dataclasses.fields(params.experts):
+                named[f"expert_{field.name}"] = getattr(params.experts, field.name)
+            self._check_param_values(
+                {name: value for name, value in named.items() if name in self._pyro_params}
+            )
         with torch.no_grad():
             for name, value in zip(self.gate.param_names, self.gate.leaves(params.gate)):
                 self._write_param(name, value)
@@ -153,11 +168,15 @@ class MixtureOfExperts(PyroModule):
         """Detached copies of the (constrained) parameters, keyed by parameter name."""
         return {name: value.clone() for name, (value, _) in self._constrained_params().items()}
 
-    def set_param_values(self, values: Mapping[str, torch.Tensor]) -> None:
+    def set_param_values(self, values: Mapping[str, torch.Tensor], validate: bool = True) -> None:
         """Writes parameters given by name (or by Pyro site name, e.g. a guide's ``median()``).
 
-        :raises ValueError: for a name that is not a parameter or a value of the wrong shape,
-            before anything is written.
+        :param values: ``{name: value}``.
+        :param bool validate: check every value's shape, finiteness and support before writing
+            any (as :meth:`set_params`); a fitting class writing values valid by construction
+            skips it.
+        :raises ValueError: for a name that is not a parameter or (with ``validate``) an
+            invalid value, before anything is written.
         """
         by_site = {self.site_name(name): name for name in self._pyro_params}
         named = {by_site.get(key, key): value for key, value in values.items()}
@@ -166,16 +185,25 @@ class MixtureOfExperts(PyroModule):
             raise ValueError(
                 f"unknown parameter(s) {unknown}; the model's are {sorted(self._pyro_params)}"
             )
-        for name, value in named.items():
-            expected = getattr(self, name + "_unconstrained").shape
-            if tuple(value.shape) != tuple(expected):
-                raise ValueError(
-                    f"{name} must have shape {tuple(expected)}, got {tuple(value.shape)}"
-                )
+        if validate:
+            self._check_param_values(named)
         with torch.no_grad():
             for name, value in named.items():
                 self._write_param(name, value)
         self.fitted = True
+
+    def _check_param_values(self, named: Mapping[str, torch.Tensor]) -> None:
+        """Raises a ``ValueError`` for a value of the wrong shape, not finite, or outside its
+        parameter's support (a negative variance would be written as a NaN log-variance)."""
+        for name, value in named.items():
+            expected = tuple(self._parameters[name + "_unconstrained"].shape)
+            if tuple(value.shape) != expected:
+                raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name} has non-finite values")
+            constraint = self._pyro_params[name][0]
+            if not constraint.check(value.detach()).all():
+                raise ValueError(f"{name} has values outside its support ({constraint})")
 
     def _constrained_params(self) -> dict:
         with torch.no_grad():
