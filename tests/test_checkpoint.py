@@ -13,6 +13,7 @@ from pytorch_optimizer import SophiaH
 
 from pyro_mm import (
     EM,
+    FiniteSumMM,
     GaussianMoE,
     GradientEM,
     IncrementalMM,
@@ -321,3 +322,44 @@ def test_svi_fit_loading_into_a_differently_built_fit_fails_before_any_change():
     with pytest.raises(ValueError, match="gate_weight_unconstrained has shape"):
         wider.load_state_dict(state)
     assert wider.num_steps == 0 and not wider.model.fitted
+
+
+_CORRUPTIBLE = {  # a fit, and the part of its state that gets a NaN
+    "IncrementalMM": (lambda: _make(polyak_start=1), "averaged_params"),
+    "FiniteSumMM": (lambda: FiniteSumMM(GaussianMoE(3, 2, 2, seed=9)), "statistics"),
+    "EM": (lambda: EM(GaussianMoE(3, 2, 2, seed=9)), "params"),
+    "SVIFit": (lambda: SVIFit(GaussianMoE(3, 2, 2, seed=9), seed=0), "model"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_CORRUPTIBLE))
+def test_a_checkpoint_holding_nan_is_refused_before_any_change(method):
+    # Loaded silently, a NaN Polyak average went straight into the model's estimate, and a NaN
+    # iterate failed the next step blaming the batch.
+    build, group = _CORRUPTIBLE[method]
+    batches = _batches(3)
+    source = build()
+    for index, (x, y) in enumerate(batches):
+        source.step(x, y, index) if method == "FiniteSumMM" else source.step(x, y)
+    state = copy.deepcopy(source.state_dict())
+    leaf = next(
+        (path, tensor)
+        for path, tensor in _floating_leaves(state[group], group)
+        if tensor.numel() > 1
+    )
+    leaf[1].view(-1)[1] = float("nan")
+    target = build()
+    target.step(*batches[0], 0) if method == "FiniteSumMM" else target.step(*batches[0])
+    before = tree_state(target.state_dict())
+    with pytest.raises(ValueError, match=rf"non-finite values in {leaf[0]}: a corrupted"):
+        target.load_state_dict(state)
+    assert_trees_identical(tree_state(target.state_dict()), before)
+
+
+def _floating_leaves(state, path):
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point():
+            yield path, state
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            yield from _floating_leaves(value, f"{path}.{key}")

@@ -14,6 +14,7 @@ from .batches import check_batch, iterate_batches
 from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
 from .state import (
+    check_finite_state,
     check_matching_options,
     check_tree_shapes,
     load_schedule_state,
@@ -204,6 +205,7 @@ class EMLikeInference:
             nothing is changed then.
         """
         check_matching_options(self.name, stored_options(state), self._options())
+        check_finite_state(state)
         params = load_tree_state(state["params"])
         if params is not None:
             check_tree_shapes("params", params, tree_to(self.model.get_params(), self.dtype))

@@ -21,6 +21,7 @@ from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
 from .schedules import PowerDecay
 from .state import (
+    check_finite_state,
     check_matching_options,
     check_tree_shapes,
     load_schedule_state,
@@ -545,6 +546,7 @@ class IncrementalMM:
             ridge, floor, dtype, number of experts) or parameter shapes; nothing is changed then.
         """
         check_matching_options("IncrementalMM", stored_options(state), self._options())
+        check_finite_state(state)
         params = load_tree_state(state["params"])
         averaged = load_tree_state(state["averaged_params"])
         stats = load_tree_state(state["statistics"])

@@ -22,6 +22,7 @@ __all__ = [
     "check_matching_options",
     "stored_options",
     "check_tree_shapes",
+    "check_finite_state",
     "qualified_name",
 ]
 
@@ -122,6 +123,30 @@ def check_tree_shapes(name: str, stored, expected) -> None:
             f"{name} has shape {tuple(stored.shape)} and dtype {stored.dtype} in the state, "
             f"expected {tuple(expected.shape)} and {expected.dtype}"
         )
+
+
+def check_finite_state(state, path: str = "") -> None:
+    """Raises ``ValueError`` naming the first floating tensor of a state dict that holds NaN or
+    infinite values: a corrupted checkpoint would otherwise load without a word and then fail
+    the next step, or (a Polyak average) put NaN into the model's estimate. Plain floats (the
+    history's losses, ``nan`` for a skipped batch) are not tensors and are left alone.
+
+    :param state: a state dict (nested dicts, lists, tensors and plain values).
+    :param str path: where ``state`` sits in the whole state, for the message.
+    """
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):
+            raise ValueError(
+                f"the state holds non-finite values in {path or 'a tensor'}: a corrupted "
+                "checkpoint; nothing was changed"
+            )
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            if key != _DATACLASS_KEY:
+                check_finite_state(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(state, (list, tuple)):
+        for index, value in enumerate(state):
+            check_finite_state(value, f"{path}[{index}]")
 
 
 def schedule_state(schedule):

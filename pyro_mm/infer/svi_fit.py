@@ -20,7 +20,7 @@ from ..models.base import MixtureOfExperts
 from .batches import check_batch, iterate_batches
 from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
-from .state import check_matching_options, qualified_name
+from .state import check_finite_state, check_matching_options, qualified_name
 
 __all__ = ["SVIFit", "needs_hessian_graph"]
 
@@ -370,6 +370,7 @@ class SVIFit:
             which then leaves the fit as it was before the step.
         """
         check_matching_options("SVIFit", state["options"], self._options())
+        check_finite_state(state)
         current = dict(self.model.named_parameters())
         stored = state["model"]
         if set(stored) != set(current):
