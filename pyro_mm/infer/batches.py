@@ -65,10 +65,15 @@ def check_batch(model, dtype: torch.dtype, x, y, finite: bool = True):
     :raises ValueError: for a bad batch (see the model's ``check_x`` and ``check_y``).
     """
     check_model_dtype(model, dtype)
-    # A fit treats its data as constants (x may come out of a network that tracks gradients;
-    # the K-means start reads it through NumPy).
-    x = model.check_x(x, finite).detach()
-    return x, model.check_y(y, x.shape[0], finite).detach()
+    x = _constant(model.check_x(x, finite))
+    return x, _constant(model.check_y(y, x.shape[0], finite))
+
+
+def _constant(tensor: torch.Tensor) -> torch.Tensor:
+    # A fit treats its data as constants (x may come out of a network that tracks gradients; the
+    # K-means start reads it through NumPy). Detached only when needed: on the streaming hot
+    # path a no-op alias still costs a dispatched operation.
+    return tensor.detach() if tensor.requires_grad else tensor
 
 
 def _pairs(stream: Iterable) -> Iterator[Tuple]:
