@@ -17,7 +17,7 @@ expert with no responsibility            | keeps its parameters, counted in empt
 variance collapsing to zero              | floored at variance_floor, counted in floored_variances
 any of the errors with on_bad_batch=skip | batch skipped, counted in skipped_batches, nan loss
 label out of range (MultinomialMoE)      | ValueError naming the labels and rows, state unchanged
-model converted to another dtype mid-fit | TypeError naming both dtypes, state unchanged (every class)
+model converted to another dtype mid-fit | TypeError naming both dtypes, state unchanged (all fits)
 step size outside (0, 1] from a schedule | ValueError naming gamma and the step, state unchanged
 configuration errors with on_bad_batch   | raised all the same (the two rows above): not skipped
 """
