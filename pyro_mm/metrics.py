@@ -75,6 +75,31 @@ def _expert_vector(params: MoEParams) -> torch.Tensor:
     return torch.cat(leaves, dim=-1)
 
 
+def _check_comparable(estimate: MoEParams, truth: MoEParams) -> None:
+    """Raises ``ValueError`` unless both are parameters of one expert family with the same
+    number of experts and the same shapes: otherwise a matching, and so a relative error, would
+    compare unrelated numbers (or fail in a distance of unequal vectors)."""
+    if type(estimate.experts) is not type(truth.experts):
+        raise ValueError(
+            f"the estimate has {type(estimate.experts).__name__} experts and the truth "
+            f"{type(truth.experts).__name__}: compare fits of one expert family"
+        )
+    shapes = [
+        (tuple(e.shape), tuple(t.shape))
+        for e, t in zip(
+            [estimate.gate, *tree_leaves(estimate.experts)],
+            [truth.gate, *tree_leaves(truth.experts)],
+            strict=True,
+        )
+    ]
+    if any(e != t for e, t in shapes):
+        raise ValueError(
+            f"the estimate's parameter shapes {[e for e, _ in shapes]} differ from the truth's "
+            f"{[t for _, t in shapes]} (numbers of experts or features): aligning experts needs "
+            "the same; pyro_mm.metrics_voronoi.voronoi_loss compares different numbers of experts"
+        )
+
+
 def align_experts(estimate: MoEParams, truth: MoEParams) -> MoEParams:
     """The relabelling of ``estimate``'s experts closest to ``truth``.
 
@@ -93,6 +118,8 @@ def align_experts(estimate: MoEParams, truth: MoEParams) -> MoEParams:
                 f"must keep its groups; compare such fits by their densities or "
                 f"pyro_mm.metrics.voronoi_loss instead"
             )
+
+    _check_comparable(estimate, truth)
 
     def centred_gate(params):
         full = torch.nn.functional.pad(params.gate.to(torch.float64), (0, 0, 0, 1))

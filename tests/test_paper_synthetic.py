@@ -102,3 +102,17 @@ def test_evaluate_fit_at_the_truth_has_zero_estimation_and_parameter_error():
     )
     errors = regression_errors(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 4.0]))
     assert errors == pytest.approx({"mse": 1.0, "mape": (0.5 + 0.25) / 2, "nrmse": 0.5})
+
+
+def test_parameter_error_refuses_fits_it_cannot_match():
+    # A K = 3 fit against a K = 2 truth used to get numbers (matched on whatever rows existed),
+    # and another expert family a bare distance error.
+    from pyro_mm.metrics import parameter_error
+    from pyro_mm.models import FullCovarianceGaussianMoE
+
+    truth = GaussianMoE(2, 2).double().get_params()
+    with pytest.raises(ValueError, match=r"shapes .* differ .*voronoi_loss"):
+        parameter_error(GaussianMoE(3, 2).double().get_params(), truth)
+    with pytest.raises(ValueError, match="FullCovarianceExpertParams experts and the truth"):
+        parameter_error(FullCovarianceGaussianMoE(2, 2, 1).double().get_params(), truth)
+    assert parameter_error(truth, truth)["total"] == 0.0
