@@ -4,7 +4,7 @@ message naming the problem, before any state changes."""
 import numpy as np
 import torch
 
-__all__ = ["as_tensor", "check_finite", "check_features"]
+__all__ = ["as_tensor", "check_finite", "check_features", "positive_integer", "positive_number"]
 
 
 def as_tensor(
@@ -77,3 +77,22 @@ def check_features(x, in_features: int, dtype: torch.dtype, finite: bool = True)
     if finite:
         check_finite("x", x)
     return x
+
+
+def positive_number(name: str, value) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``name`` unless it is a finite number
+    > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not 0.0 < float(value) < float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def positive_integer(name: str, value) -> int:
+    """``value`` as an int, or a ``ValueError`` naming ``name`` unless it is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pyro_mm import GaussianMoE, IncrementalMM
-from pyro_mm.datasets import gaussian_moe_truth, sample_gaussian_moe
+from pyro_mm.datasets import gaussian_moe_stream, gaussian_moe_truth, sample_gaussian_moe
+from pyro_mm.datasets.synthetic import multinomial_moe_truth
 
 
 @pytest.fixture
@@ -109,3 +110,22 @@ def test_inputs_that_track_gradients_are_fitted_as_constants(method):
     assert tracked.grad is None  # the fit's own gradients (SVIFit) never reach the data
     model.log_prob(tracked, y).sum().backward()
     assert tracked.grad is not None and torch.isfinite(tracked.grad).all()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: gaussian_moe_truth(0, 2), "num_experts must be a positive integer, got 0"),
+        (lambda: gaussian_moe_truth(2, 0), "in_features must be a positive integer, got 0"),
+        (lambda: gaussian_moe_truth(2, 2, noise_std=0.0), "noise_std must be a positive"),
+        (lambda: gaussian_moe_truth(2, 2, gate_norm=-1.0), "gate_norm must be a finite number"),
+        (lambda: sample_gaussian_moe(gaussian_moe_truth(2, 2), -1), "num_samples must be"),
+        (lambda: gaussian_moe_stream(gaussian_moe_truth(2, 2), 0, 3), "batch_size must be"),
+        (lambda: multinomial_moe_truth(2, 2, 1), "num_classes must be at least 2, got 1"),
+    ],
+)
+def test_synthetic_data_sizes_are_checked(call, message):
+    # They used to fail deep inside torch ("negative dimension -1") or, for in_features=0,
+    # return a truth no model can hold.
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -9,6 +9,7 @@ import torch
 from ..models.gaussian_moe import GaussianMoE
 from ..models.multinomial_moe import MultinomialMoE
 from ..models.params import GaussianExpertParams, MoEParams, MultinomialExpertParams
+from ..validation import positive_integer, positive_number
 
 __all__ = [
     "gaussian_moe_truth",
@@ -38,7 +39,13 @@ def gaussian_moe_truth(
 
     With ``x ~ N(0, I_P)`` (see :func:`sample_gaussian_moe`) the gate's logits have standard
     deviation ``gate_norm``, so both experts are active and well separated.
+
+    :raises ValueError: for sizes that are not positive integers, a negative or non-finite
+        ``gate_norm`` or a ``noise_std`` that is not positive.
     """
+    num_experts, in_features = _truth_sizes(num_experts, in_features, gate_norm)
+    out_features = positive_integer("out_features", out_features)
+    positive_number("noise_std", noise_std)
     generator = torch.Generator().manual_seed(seed)
     slopes = torch.randn(num_experts - 1, in_features, generator=generator, dtype=torch.float64)
     slopes = gate_norm * slopes / slopes.norm(dim=-1, keepdim=True)
@@ -94,7 +101,15 @@ def multinomial_moe_truth(
 
     The gate draws come first from the generator, then the expert weights in
     ``(K, M - 1, P + 1)`` row-major order.
+
+    :raises ValueError: for sizes that are not positive integers, fewer than 2 classes, or a
+        negative or non-finite ``gate_norm`` or ``expert_scale``.
     """
+    num_experts, in_features = _truth_sizes(num_experts, in_features, gate_norm)
+    if positive_integer("num_classes", num_classes) < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes!r}")
+    if not 0.0 <= float(expert_scale) < float("inf"):
+        raise ValueError(f"expert_scale must be a finite number >= 0, got {expert_scale!r}")
     generator = torch.Generator().manual_seed(seed)
     slopes = torch.randn(num_experts - 1, in_features, generator=generator, dtype=torch.float64)
     slopes = gate_norm * slopes / slopes.norm(dim=-1, keepdim=True)
@@ -132,8 +147,18 @@ def multinomial_moe_stream(
     return _replayable_stream(sample_multinomial_moe, truth, batch_size, num_batches, seed)
 
 
+def _truth_sizes(num_experts, in_features, gate_norm) -> tuple:
+    """The validated ``(num_experts, in_features)`` of a synthetic truth (``gate_norm`` checked
+    too)."""
+    if not 0.0 <= float(gate_norm) < float("inf"):
+        raise ValueError(f"gate_norm must be a finite number >= 0, got {gate_norm!r}")
+    num_experts = positive_integer("num_experts", num_experts)
+    return num_experts, positive_integer("in_features", in_features)
+
+
 def _draw(model, truth: MoEParams, num_samples: int, seed: int):
     """``x ~ N(0, I_P)`` then ``y ~ p(y | x; truth)`` from one generator seeded by ``seed``."""
+    num_samples = positive_integer("num_samples", num_samples)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_samples, model.in_features, generator=generator, dtype=torch.float64)
     y, _ = model.sample(x, truth, generator=generator)
@@ -141,7 +166,15 @@ def _draw(model, truth: MoEParams, num_samples: int, seed: int):
 
 
 def _replayable_stream(sampler, truth: MoEParams, batch_size: int, num_batches, seed: int):
-    """Batch ``i`` is ``sampler(truth, batch_size, seed=seed * 1_000_003 + i)``."""
+    """Batch ``i`` is ``sampler(truth, batch_size, seed=seed * 1_000_003 + i)`` (the sizes are
+    checked at once, not at the first batch)."""
+    positive_integer("batch_size", batch_size)
+    if num_batches is not None:
+        positive_integer("num_batches", num_batches)
+    return _batches(sampler, truth, batch_size, num_batches, seed)
+
+
+def _batches(sampler, truth: MoEParams, batch_size: int, num_batches, seed: int):
     index = 0
     while num_batches is None or index < num_batches:
         yield sampler(truth, batch_size, seed=seed * 1_000_003 + index)

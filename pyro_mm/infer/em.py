@@ -23,7 +23,8 @@ import torch
 
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams
-from .em_like import EMLikeInference, gate_solver_options, positive_integer, positive_number
+from ..validation import positive_integer, positive_number
+from .em_like import EMLikeInference, gate_solver_options
 from .history import FitHistory
 from .incremental_mm import IncrementalMM
 from .schedules import ConstantStep

@@ -10,6 +10,7 @@ from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_leaves, tree_to
 from ..surrogates.mixture import e_step
 from ..surrogates.registry import expert_surrogate_with_bound, gate_surrogate_for
+from ..validation import positive_integer, positive_number
 from .batches import check_batch, iterate_batches
 from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
@@ -27,8 +28,6 @@ from .state import (
 __all__ = [
     "EMLikeInference",
     "check_fit_setup",
-    "positive_number",
-    "positive_integer",
     "gate_solver_options",
 ]
 
@@ -53,25 +52,6 @@ def check_fit_setup(model, algorithm: str, *, init: str, ridge, variance_floor, 
         )
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-
-
-def positive_number(name: str, value) -> float:
-    """``value`` as a float, or a ``ValueError`` naming ``name`` unless it is a finite number
-    > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not 0.0 < float(value) < float("inf"):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def positive_integer(name: str, value) -> int:
-    """``value`` as an int, or a ``ValueError`` naming ``name`` unless it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def gate_solver_options(gate_ridge, gate_tol, gate_max_iter) -> dict:

@@ -22,7 +22,8 @@ from torch.distributions import transform_to
 
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams
-from .em_like import EMLikeInference, positive_integer, positive_number
+from ..validation import positive_integer, positive_number
+from .em_like import EMLikeInference
 from .history import FitHistory
 
 __all__ = ["GradientEM"]

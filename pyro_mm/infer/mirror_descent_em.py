@@ -52,7 +52,8 @@ import torch
 
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_map
-from .em_like import EMLikeInference, gate_solver_options, positive_integer
+from ..validation import positive_integer
+from .em_like import EMLikeInference, gate_solver_options
 from .history import FitHistory
 from .schedules import ConstantStep
 
