@@ -243,3 +243,23 @@ def test_classification_errors_checks_shapes_and_counts_argmax_hits():
     assert errors["log_loss"] == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="probs must be"):
         classification_errors(probs, torch.tensor([0, 1]))
+
+
+def test_bad_inputs_are_refused_before_the_first_fit(tiny):
+    # A held-out set of the wrong width used to fail only after every method had been fitted.
+    _, x_train, y_train, x_test, y_test = tiny
+    built = []
+
+    def counting(model):
+        built.append(model)
+        return IncrementalMM(model)
+
+    methods = [Method("IncrementalMM", counting)]
+    make_model = MAKE_MODEL
+    with pytest.raises(ValueError, match="x has 1 columns"):
+        compare_methods(methods, make_model, x_train, y_train, x_test[:, :1], y_test)
+    with pytest.raises(ValueError, match="methods is empty"):
+        compare_methods([], make_model, x_train, y_train, x_test, y_test)
+    with pytest.raises(TypeError, match="must return a pyro_mm mixture of experts, got int"):
+        compare_methods(methods, lambda priors=None: 42, x_train, y_train, x_test, y_test)
+    assert built == []

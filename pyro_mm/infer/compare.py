@@ -19,6 +19,7 @@ import torch
 
 from ..init import kmeans_init
 from ..metrics import evaluate_fit, mean_nll
+from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_map
 from .history import FitHistory
 
@@ -309,6 +310,9 @@ def compare_methods(
     """
     from tqdm.auto import tqdm
 
+    methods = list(methods)
+    if not methods:
+        raise ValueError("methods is empty: give at least one Method to compare")
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique, got {names}")
@@ -316,10 +320,19 @@ def compare_methods(
     unknown = sorted(set(learning_rates) - set(names))
     if unknown:
         raise ValueError(f"learning_rates names unknown methods {unknown}; methods are {names}")
+    # Every input is checked before the first fit, not after minutes of them.
+    reference = make_model(priors=None)
+    if not isinstance(reference, MixtureOfExperts):
+        raise TypeError(
+            f"make_model(priors=None) must return a pyro_mm mixture of experts, got "
+            f"{type(reference).__name__}"
+        )
+    reference = reference.to(torch.float64)
+    x_ref = reference.check_x(x_train)
+    y_ref = reference.check_y(y_train, x_ref.shape[0])
+    x_check = reference.check_x(x_test)
+    reference.check_y(y_test, x_check.shape[0])
     if init_params is None:
-        reference = make_model(priors=None).to(torch.float64)
-        x_ref = reference.check_x(x_train)
-        y_ref = reference.check_y(y_train, x_ref.shape[0])
         init_params = kmeans_init(reference, x_ref, y_ref, gate=init_gate, seed=seed)
     results = {}
     for method in tqdm(methods, disable=not progress, desc="methods"):
