@@ -1,10 +1,20 @@
 """Input checks shared by models and inference: every bad batch is rejected at the door, with a
 message naming the problem, before any state changes."""
 
+import math
+import numbers
+
 import numpy as np
 import torch
 
-__all__ = ["as_tensor", "check_finite", "check_features", "positive_integer", "positive_number"]
+__all__ = [
+    "as_tensor",
+    "check_finite",
+    "check_features",
+    "non_negative_number",
+    "positive_integer",
+    "positive_number",
+]
 
 
 def as_tensor(
@@ -81,17 +91,33 @@ def check_features(x, in_features: int, dtype: torch.dtype, finite: bool = True)
 
 def positive_number(name: str, value) -> float:
     """``value`` as a float, or a ``ValueError`` naming ``name`` unless it is a finite number
-    > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    > 0 (a Python or NumPy scalar)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     if not 0.0 < float(value) < float("inf"):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
+def non_negative_number(name: str, value) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``name`` unless it is a finite number
+    >= 0 (a Python or NumPy scalar)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not 0.0 <= float(value) < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def positive_integer(name: str, value) -> int:
-    """``value`` as an int, or a ``ValueError`` naming ``name`` unless it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    """``value`` as an int, or a ``ValueError`` naming ``name`` unless it is an integer >= 1
+    (a Python or NumPy scalar: ``np.int64(3)`` from an array's ``shape`` or ``sum`` passes)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or int(value) != value
+    ):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -129,3 +129,16 @@ def test_synthetic_data_sizes_are_checked(call, message):
     # return a truth no model can hold.
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_sizes_accept_numpy_scalars_and_name_nan_and_inf():
+    # Sizes often come from NumPy (an array's shape, a sum); NaN and inf are named, not left to
+    # int()'s own error.
+    from pyro_mm.validation import positive_integer
+
+    truth = gaussian_moe_truth(np.int64(2), np.int64(3))
+    x, _ = sample_gaussian_moe(truth, np.int64(5))
+    assert x.shape == (5, 3)
+    for bad in (float("nan"), float("inf"), np.float64("nan")):
+        with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+            positive_integer("num_samples", bad)

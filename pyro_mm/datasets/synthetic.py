@@ -9,7 +9,7 @@ import torch
 from ..models.gaussian_moe import GaussianMoE
 from ..models.multinomial_moe import MultinomialMoE
 from ..models.params import GaussianExpertParams, MoEParams, MultinomialExpertParams
-from ..validation import positive_integer, positive_number
+from ..validation import non_negative_number, positive_integer, positive_number
 
 __all__ = [
     "gaussian_moe_truth",
@@ -108,8 +108,7 @@ def multinomial_moe_truth(
     num_experts, in_features = _truth_sizes(num_experts, in_features, gate_norm)
     if positive_integer("num_classes", num_classes) < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes!r}")
-    if not 0.0 <= float(expert_scale) < float("inf"):
-        raise ValueError(f"expert_scale must be a finite number >= 0, got {expert_scale!r}")
+    non_negative_number("expert_scale", expert_scale)
     generator = torch.Generator().manual_seed(seed)
     slopes = torch.randn(num_experts - 1, in_features, generator=generator, dtype=torch.float64)
     slopes = gate_norm * slopes / slopes.norm(dim=-1, keepdim=True)
@@ -150,8 +149,7 @@ def multinomial_moe_stream(
 def _truth_sizes(num_experts, in_features, gate_norm) -> tuple:
     """The validated ``(num_experts, in_features)`` of a synthetic truth (``gate_norm`` checked
     too)."""
-    if not 0.0 <= float(gate_norm) < float("inf"):
-        raise ValueError(f"gate_norm must be a finite number >= 0, got {gate_norm!r}")
+    non_negative_number("gate_norm", gate_norm)
     num_experts = positive_integer("num_experts", num_experts)
     return num_experts, positive_integer("in_features", in_features)
 
