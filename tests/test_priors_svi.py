@@ -7,12 +7,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import Predictive
-from pyro.infer.autoguide import AutoDelta, AutoNormal
+from pyro.infer import JitTrace_ELBO, Predictive, Trace_ELBO, TraceGraph_ELBO
+from pyro.infer.autoguide import AutoDelta, AutoLaplaceApproximation, AutoNormal
 
-from pyro_mm import ConstantStep, GaussianMoE, IncrementalMM
+from pyro_mm import EM, ConstantStep, GaussianMoE, IncrementalMM
 from pyro_mm.datasets import gaussian_moe_truth, sample_gaussian_moe
-from pyro_mm.infer.svi_fit import SVIFit, needs_hessian_graph
+from pyro_mm.infer.svi_fit import SVIFit, needs_closure, needs_hessian_graph
 from pyro_mm.models.params import tree_map
 from pyro_mm.models.priors import MoEPriors
 
@@ -241,12 +241,93 @@ def test_svi_draws_are_reproducible_and_leave_the_global_random_state_alone(data
         ({"optim": pyro.optim.Adam({"lr": 0.1}), "optim_args": {"lr": 1}}, ValueError, "own"),
         ({"num_data": 0}, ValueError, "num_data"),
         ({"init": "random"}, ValueError, "init"),
+        ({"optim": pyro.optim.PyroOptim(torch.optim.LBFGS, {"lr": 1})}, ValueError, "closure"),
+        ({"optim": torch.optim.LBFGS, "create_graph": True}, ValueError, "closure"),
+        ({"loss": TraceGraph_ELBO(), "create_graph": True}, ValueError, "differentiable_loss"),
+        (
+            {
+                "priors": MoEPriors(),
+                "guide": AutoNormal,
+                "loss": Trace_ELBO(num_particles=2, vectorize_particles=True),
+            },
+            ValueError,
+            "vectorize_particles=False",
+        ),
     ],
 )
 def test_svi_fit_rejects_bad_arguments(kwargs, error, message):
     priors = kwargs.pop("priors", None)
     with pytest.raises(error, match=message):
         SVIFit(_model(priors=priors), **kwargs)
+
+
+def test_a_jit_traced_elbo_fits_a_model_with_priors(data):
+    # JitTrace_ELBO inserts tensors read outside pyro.param as constants and refuses those that
+    # require grad: the module's own tensors of parameters with priors (latent sites, which
+    # only shape the priors) must not, and get it back when the priors are removed.
+    _, x, y = data
+    model = _model(priors={"expert_variance": dist.InverseGamma(3.0, 2.0)})
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    assert grads == {
+        "gate_weight_unconstrained": True,
+        "expert_weight_unconstrained": True,
+        "expert_variance_unconstrained": False,
+    }
+    model.set_priors(None)
+    assert all(p.requires_grad for p in model.parameters())
+    losses = []
+    for loss in (Trace_ELBO(), JitTrace_ELBO()):
+        fit = SVIFit(_model(priors=MoEPriors()), AutoDelta, loss=loss, optim_args={"lr": 0.05})
+        losses.append(fit.fit(x, y, batch_size=100, epochs=3, progress=False).loss)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-8)
+
+
+def test_lbfgs_steps_through_a_closure_and_reaches_the_maximum_likelihood(data):
+    # LBFGS re-evaluates the objective in its line search: full-batch steps reach the MLE
+    # (EM run to convergence from its own start, to 1e-10 relative change).
+    truth, x, y = data
+    assert needs_closure(torch.optim.LBFGS) and not needs_closure(torch.optim.Adam)
+    reference = _model(truth)
+    EM(reference, init="current", tol=1e-12).fit(x, y, max_iter=2000)
+    mle = -reference.log_prob(x, y).mean().item()
+    fit = SVIFit(
+        _model(truth),
+        optim=torch.optim.LBFGS,
+        optim_args={"lr": 1.0, "max_iter": 20, "line_search_fn": "strong_wolfe"},
+        init="current",
+    )
+    history = fit.fit(x, y, batch_size=400, epochs=15, progress=False)
+    assert fit.evaluate_loss(x, y) == pytest.approx(mle, abs=1e-7)
+    assert history.loss[-1] < history.loss[0]
+
+
+def test_an_elbo_without_differentiable_loss_takes_the_same_steps(data):
+    # TraceGraph_ELBO has only loss_and_grads; on a model without latent variables its
+    # gradient is the likelihood's, as Trace_ELBO's.
+    truth, x, y = data
+    losses = []
+    for loss in (Trace_ELBO(), TraceGraph_ELBO()):
+        fit = SVIFit(_model(truth), loss=loss, optim_args={"lr": 0.02}, init="current")
+        losses.append(fit.fit(x, y, batch_size=100, epochs=2, progress=False).loss)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-12)
+
+
+def test_laplace_approximation_guide_writes_its_mode_and_gives_the_laplace_posterior(data):
+    # AutoLaplaceApproximation fits a point mass (it has no median): the model holds that
+    # point, the centre of the Laplace posterior it then builds. (It is the posterior mode in
+    # unconstrained coordinates, so it differs from AutoDelta's MAP by the transforms'
+    # Jacobian.)
+    truth, x, y = data
+    model = _model(truth, priors=MoEPriors())
+    fit = SVIFit(model, AutoLaplaceApproximation, optim_args={"lr": 0.05}, init="current")
+    history = fit.fit(x, y, batch_size=400, epochs=100, progress=False)
+    assert history.loss[-1] < history.loss[0]
+    posterior = fit.guide.laplace_approximation(x, y, num_data=400)
+    centre = posterior.median(x, y, num_data=400)
+    for name, value in model.param_values().items():
+        assert torch.allclose(value, centre[model.site_name(name)], rtol=1e-12, atol=0)
+    scale = posterior.get_posterior().scale_tril.diagonal()
+    assert bool(torch.isfinite(scale).all()) and bool((scale > 0).all())
 
 
 def test_a_diverging_step_restores_the_parameters(data):

@@ -12,7 +12,13 @@ import pyro.optim
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoNormal, init_to_value
+from pyro.infer.autoguide import (
+    AutoContinuous,
+    AutoGuide,
+    AutoLaplaceApproximation,
+    AutoNormal,
+    init_to_value,
+)
 from torch.distributions import biject_to
 
 from ..init import check_init, initial_params
@@ -22,7 +28,7 @@ from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
 from .state import check_finite_state, check_matching_options, qualified_name
 
-__all__ = ["SVIFit", "needs_hessian_graph"]
+__all__ = ["SVIFit", "needs_closure", "needs_hessian_graph"]
 
 
 def needs_hessian_graph(optimizer_class: type) -> bool:
@@ -32,6 +38,13 @@ def needs_hessian_graph(optimizer_class: type) -> bool:
     argument in ``step`` and need ``loss.backward(create_graph=True)``.
     """
     return "hessian" in inspect.signature(optimizer_class.step).parameters
+
+
+def needs_closure(optimizer_class: type) -> bool:
+    """Whether a torch optimiser's ``step`` requires a closure that re-evaluates the loss
+    (``torch.optim.LBFGS``: several evaluations per step, for its line search)."""
+    closure = inspect.signature(optimizer_class.step).parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def _is_plain(value) -> bool:
@@ -77,10 +90,17 @@ class SVIFit:
     :param optim: a Pyro optimiser instance (e.g. ``pyro.optim.ClippedAdam({"lr": 0.01})``),
         stepped through :class:`pyro.infer.SVI`, or a torch optimiser class (e.g.
         ``torch.optim.AdamW``, ``pytorch_optimizer.SophiaH``) built with ``optim_args`` over
-        the model's and the guide's parameters. Default: ``torch.optim.Adam``.
+        the model's and the guide's parameters. Default: ``torch.optim.Adam``. An optimiser
+        whose ``step`` needs a closure (``torch.optim.LBFGS``) gets one that re-evaluates the
+        batch's objective; it must be passed as a class (Pyro's SVI passes no closure).
     :param dict optim_args: keyword arguments of a torch optimiser class (default
         ``{"lr": 0.01}``).
-    :param loss: the ELBO (default :class:`~pyro.infer.Trace_ELBO`).
+    :param loss: the ELBO (default :class:`~pyro.infer.Trace_ELBO`; ``JitTrace_ELBO`` and,
+        for torch optimiser classes without ``create_graph``, ``TraceGraph_ELBO`` also work;
+        ``vectorize_particles=True`` only for models without priors, whose per-draw code
+        cannot take a batch of parameter draws). ``AutoLaplaceApproximation`` writes its
+        point (the posterior mode in unconstrained coordinates) into the model, and its
+        ``laplace_approximation(x, y)`` gives the Laplace posterior.
     :param dict guide_args: extra keyword arguments of an autoguide class (e.g.
         ``{"init_scale": 0.01}`` for ``AutoNormal``).
     :param int num_data: size of the data set the batches come from (weighs the priors against
@@ -143,6 +163,13 @@ class SVIFit:
                     "optim_args apply to a torch optimiser class; a Pyro optimiser carries its "
                     "own arguments, e.g. pyro.optim.Adam({'lr': 0.01})"
                 )
+            if needs_closure(optim.pt_optim_constructor):
+                raise ValueError(
+                    f"pyro.infer.SVI steps an optimiser without a closure, and "
+                    f"{optim.pt_optim_constructor.__name__} needs one: pass it as a torch "
+                    f"optimiser class, SVIFit(model, optim="
+                    f"torch.optim.{optim.pt_optim_constructor.__name__}, optim_args={{...}})"
+                )
             if needs_hessian_graph(optim.pt_optim_constructor) or create_graph:
                 raise ValueError(
                     "pyro.infer.SVI differentiates without create_graph, so optimisers that "
@@ -153,17 +180,24 @@ class SVIFit:
         elif isinstance(optim, type) and issubclass(optim, torch.optim.Optimizer):
             optim_args = {"lr": 0.01} if optim_args is None else dict(optim_args)
             create_graph = needs_hessian_graph(optim) if create_graph is None else create_graph
+            if create_graph and needs_closure(optim):
+                raise ValueError(
+                    f"{optim.__name__} re-evaluates the loss through a closure; create_graph "
+                    "(Hessian-vector products) is not available with it"
+                )
         else:
             raise TypeError(
                 f"optim must be a Pyro optimiser instance (pyro.optim.Adam({{'lr': 0.01}})) or a "
                 f"torch optimiser class (torch.optim.Adam), got {optim!r}"
             )
+        loss = Trace_ELBO() if loss is None else loss
+        _check_loss(loss, model, create_graph)
         self.model = model.to(dtype)
         self.guide_spec = guide
         self.guide_args = dict(guide_args or {})
         self.optim = optim
         self.optim_args = optim_args
-        self.loss = Trace_ELBO() if loss is None else loss
+        self.loss = loss
         self.num_data = None if num_data is None else int(num_data)
         self.create_graph = bool(create_graph)
         self.init = init
@@ -486,26 +520,50 @@ class SVIFit:
             # SVI binds the (scaled) model at construction; the scale follows num_data.
             self.optimizer.model, self.optimizer.guide = self._scaled(x)
             return self.optimizer.step(x, y, num_data=num_data)
+        if needs_closure(self.optim):
+
+            def closure():
+                self.optimizer.zero_grad(set_to_none=True)
+                return self._objective_and_gradients(x, y, num_data)
+
+            # The objective of the closure's first call, at the parameters the step was given.
+            return float(self.optimizer.step(closure))
         self.optimizer.zero_grad(set_to_none=True)
+        if not self.create_graph:
+            objective = self._objective_and_gradients(x, y, num_data)
+            self.optimizer.step()
+            return objective
+        # Gradients that keep their graph (for the optimiser's Hessian-vector products);
+        # autograd.grad rather than backward(create_graph=True) avoids a parameter <-> grad
+        # reference cycle, and the gradients are dropped right after the step.
         objective = self.loss.differentiable_loss(*self._scaled(x), x, y, num_data=num_data)
-        if self.create_graph:
-            # Gradients that keep their graph (for the optimiser's Hessian-vector products);
-            # autograd.grad rather than backward(create_graph=True) avoids a parameter <-> grad
-            # reference cycle, and the gradients are dropped right after the step.
-            grads = torch.autograd.grad(
-                objective, self._trained, create_graph=True, allow_unused=True
-            )
-            for p, grad in zip(self._trained, grads, strict=True):
-                p.grad = grad
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            objective.backward()
-            self.optimizer.step()
+        grads = torch.autograd.grad(objective, self._trained, create_graph=True, allow_unused=True)
+        for p, grad in zip(self._trained, grads, strict=True):
+            p.grad = grad
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return objective.item()
 
+    def _objective_and_gradients(self, x, y, num_data: int) -> float:
+        """The scaled objective, its gradients accumulated into the parameters' ``.grad``."""
+        if hasattr(self.loss, "differentiable_loss"):
+            objective = self.loss.differentiable_loss(*self._scaled(x), x, y, num_data=num_data)
+            objective.backward()
+            return objective.item()
+        # ELBOs with a surrogate for non-reparameterised sites (TraceGraph_ELBO) have no
+        # differentiable_loss; their loss_and_grads runs the backward pass itself.
+        return self.loss.loss_and_grads(*self._scaled(x), x, y, num_data=num_data)
+
     def _write_point_estimate(self, x, y) -> None:
-        if isinstance(self.guide, torch.nn.Module):
+        if isinstance(self.guide, AutoLaplaceApproximation):
+            # Its fitted posterior is a point mass (a Delta, without a median) at the posterior
+            # mode in unconstrained coordinates: the guide's draw is that point, in the sites'
+            # own coordinates, and draws no random number. ``guide.laplace_approximation(x,
+            # y)`` then gives the Laplace posterior centred there.
+            with torch.no_grad(), poutine.block():
+                values = self.guide(x, y, num_data=self._num_data(x))
+            self.model.set_param_values(values, validate=False)
+        elif isinstance(self.guide, torch.nn.Module):
             # The median is in the support by construction (Pyro's transforms) and finite (the
             # step restores non-finite trained parameters before this).
             self.model.set_param_values(
@@ -513,6 +571,21 @@ class SVIFit:
             )
         else:
             self.model.fitted = True
+
+
+def _check_loss(loss, model, create_graph) -> None:
+    """Raises for an ELBO that cannot fit ``model`` (before any state exists)."""
+    if getattr(loss, "vectorize_particles", False) and model.has_priors:
+        raise ValueError(
+            f"{type(loss).__name__}(vectorize_particles=True) draws every particle's latent "
+            f"parameters at once, with a leading batch dimension, and pyro_mm models evaluate "
+            f"one parameter draw at a time: use vectorize_particles=False"
+        )
+    if create_graph and not hasattr(loss, "differentiable_loss"):
+        raise ValueError(
+            f"create_graph (Hessian-vector products, SophiaH) needs an ELBO with a "
+            f"differentiable_loss; {type(loss).__name__} has none (use Trace_ELBO)"
+        )
 
 
 def _check_guide_can_cover_supports(guide, model) -> None:

@@ -234,8 +234,14 @@ class MixtureOfExperts(PyroModule):
         :raises ValueError: for unknown names, wrong shapes or supports, before any change.
         """
         priors = check_prior_spec(priors)
-        prior_distributions(priors, self._constrained_params())
+        lifted = prior_distributions(priors, self._constrained_params())
         self._priors = priors
+        # A parameter with a prior is a latent site: the guide fits it, never a gradient on the
+        # module's own tensor, which only shapes the prior. Not requiring grad, it can be read
+        # inside a JIT-traced ELBO (JitTrace_ELBO inserts it as a constant, and refuses a
+        # tensor that requires grad).
+        for name in self._pyro_params:
+            self._parameters[name + "_unconstrained"].requires_grad_(name not in lifted)
 
     @property
     def has_priors(self) -> bool:
