@@ -6,8 +6,12 @@ import warnings
 
 import arviz as az
 import matplotlib.pyplot as plt
+import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_mm import GaussianMoE, IncrementalMM, MultinomialMoE
@@ -404,6 +408,37 @@ def test_align_draws_to_a_reference():
 
 
 # --------------------------------------------------------------------- errors, imports
+def test_an_mcmc_run_keeps_its_chains(monkeypatch):
+    # Pyro draws chains in parallel processes when it has CPUs to spare: sequentially here, as
+    # on every machine.
+    monkeypatch.setattr(pyro.infer.mcmc.api.mp, "cpu_count", lambda: 1)
+    truth = gaussian_moe_truth(2, 2, seed=3)
+    x, y = sample_gaussian_moe(truth, 150, seed=4)
+    model = GaussianMoE(2, 2, priors={"gate_weight": dist.Normal(0.0, 3.0)}).double()
+    model.set_params(truth)
+    pyro.set_rng_seed(0)
+    mcmc = MCMC(NUTS(model), num_samples=30, warmup_steps=50, num_chains=2, disable_progbar=True)
+    with pytest.raises(ValueError, match="no samples"):
+        to_inference_data(model, x, y, posterior=mcmc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "chains will be drawn sequentially"
+        mcmc.run(x, y)
+    idata = to_inference_data(model, x, y, posterior=mcmc)
+    assert idata.posterior.attrs["posterior_kind"] == "mcmc"
+    assert (idata.posterior.sizes["chain"], idata.posterior.sizes["draw"]) == (2, 30)
+    by_chain = mcmc.get_samples(group_by_chain=True)["gate_weight"].reshape(2, 30, 1, 3)
+    assert torch.equal(torch.as_tensor(idata.posterior["gate_weight"].values), by_chain)
+    # Each (chain, draw) of the log-likelihood is that draw's, with the experts fixed.
+    experts = model.get_params().experts
+    for chain, draw in [(0, 0), (1, 7), (1, 29)]:
+        params = MoEParams(gate=by_chain[chain, draw], experts=experts)
+        expected = model.log_prob(x, y, params).numpy()
+        assert idata.log_likelihood["y"].values[chain, draw] == pytest.approx(expected, rel=1e-12)
+    rhat = az.rhat(idata, var_names=["gate_weight"])["gate_weight"].values
+    assert ((rhat > 0.9) & (rhat < 1.2)).all()
+    assert np.isfinite(az.loo(idata).elpd_loo)
+
+
 def test_bad_arguments_are_rejected_with_clear_errors(fits):
     x, y = fits["data"]
     model = fits["models"]["em"]

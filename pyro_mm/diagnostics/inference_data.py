@@ -7,7 +7,9 @@ Whatever produced the fit, it ends up as draws of the model's parameter sites:
 * a :class:`~pyro_mm.diagnostics.LaplacePosterior`: ``num_samples`` draws from it;
 * a Pyro guide (e.g. an ``AutoNormal`` after SVI on a model with priors): ``num_samples`` draws
   through :class:`pyro.infer.Predictive`;
-* a dict ``site name -> (S, ...)`` of draws (e.g. ``MCMC.get_samples()``).
+* a :class:`pyro.infer.MCMC` run on a model with priors (e.g. with ``NUTS``): all its draws,
+  kept in their chains, so that ``az.rhat`` and ``az.ess`` apply;
+* a dict ``site name -> (S, ...)`` of draws (one chain).
 
 From the draws come the groups ``posterior`` (experts relabelled to a common reference),
 ``posterior_predictive`` (one ``y`` per draw, from the model's ``sample``), ``log_likelihood``
@@ -20,7 +22,7 @@ import warnings
 
 import pyro
 import torch
-from pyro.infer import Predictive
+from pyro.infer import MCMC, Predictive
 
 from ..models.base import MixtureOfExperts
 from ..models.features import PolynomialFeatures
@@ -83,7 +85,36 @@ def _check_num_samples(num_samples) -> int:
 
 
 def _site_draws(model, x, y, sites: ParameterSites, posterior, num_samples: int, seed: int):
-    """Draws ``name -> (S, ...)`` of every parameter site, and the kind of posterior."""
+    """Draws ``name -> (S, ...)`` of every parameter site, the kind of posterior, and the number
+    of chains the ``S`` draws come in (one after another)."""
+    if isinstance(posterior, MCMC):
+        by_chain = posterior.get_samples(group_by_chain=True)
+        if not by_chain:  # None before run()
+            raise ValueError("the MCMC object holds no samples: call its run(x, y) first")
+        num_chains, per_chain = next(iter(by_chain.values())).shape[:2]
+        drawn = {
+            name: value.reshape((num_chains * per_chain,) + value.shape[2:])
+            for name, value in by_chain.items()
+        }
+        draws = _checked_draws(sites, _with_fixed_sites(sites, drawn), model.dtype)
+        return draws, "mcmc", num_chains
+    draws, kind = _single_chain_draws(model, x, y, sites, posterior, num_samples, seed)
+    return draws, kind, 1
+
+
+def _with_fixed_sites(sites: ParameterSites, drawn: dict) -> dict:
+    """``drawn`` (draws of the latent sites) with the fixed value of every site without a
+    prior, repeated for each draw."""
+    count = next(iter(drawn.values())).shape[0]
+    fixed = {
+        name: sites.values[name].expand((count,) + sites.shapes[name])
+        for name in sites.names
+        if sites.kinds[name] == "param"
+    }
+    return {**fixed, **drawn}
+
+
+def _single_chain_draws(model, x, y, sites, posterior, num_samples: int, seed: int):
     if posterior is None:
         return {name: sites.values[name].unsqueeze(0) for name in sites.names}, "point"
     if isinstance(posterior, LaplacePosterior):
@@ -105,20 +136,15 @@ def _site_draws(model, x, y, sites: ParameterSites, posterior, num_samples: int,
         drawn = Predictive(model, guide=posterior, num_samples=num_samples, return_sites=latent)(
             x, y
         )
-        fixed = {
-            name: sites.values[name].expand((num_samples,) + sites.shapes[name])
-            for name in sites.names
-            if sites.kinds[name] == "param"
-        }
         # Predictive pads latent draws with singleton plate dimensions.
         drawn = {
             name: value.detach().reshape((num_samples,) + sites.shapes[name])
             for name, value in drawn.items()
         }
-        return {**fixed, **drawn}, "guide"
+        return _with_fixed_sites(sites, drawn), "guide"
     raise TypeError(
-        "posterior must be None (point estimate), a LaplacePosterior, a Pyro guide or a dict "
-        f"of draws, got {type(posterior).__name__}"
+        "posterior must be None (point estimate), a LaplacePosterior, a Pyro guide, a "
+        f"pyro.infer.MCMC run or a dict of draws, got {type(posterior).__name__}"
     )
 
 
@@ -197,19 +223,19 @@ def _evaluate(model, x, y, sites: ParameterSites, draws: dict, point: bool, coun
     return params, log_likelihood.expand(count, -1), predictive
 
 
-def _posterior_variables(model, stacked) -> tuple:
+def _posterior_variables(model, stacked, num_chains: int) -> tuple:
     """ArviZ variables ``name -> (chain, draw, ...)`` and their dimension names; the gate's are
     named after its params (leading dimensions other than ``gate_weight``'s are numbered)."""
     variables, dims = {}, {}
     for name, leaf in zip(model.gate.param_names, model.gate.leaves(stacked.gate)):
-        variables[name] = _chain(leaf)
+        variables[name] = _chain(leaf, num_chains)
         numbered = [f"{name}_dim_{axis}" for axis in range(leaf.dim() - 2)]
         dims[name] = _GATE_DIMS.get(name, [*numbered, "gate_features"])
     expert_dims = _EXPERT_DIMS.get(type(stacked.experts).__name__, {})
     for field in dataclasses.fields(stacked.experts):
         leaf = getattr(stacked.experts, field.name)
         name = f"expert_{field.name}"
-        variables[name] = _chain(leaf)
+        variables[name] = _chain(leaf, num_chains)
         default = [f"{name}_dim_{axis}" for axis in range(leaf.dim() - 2)]
         dims[name] = ["experts", *expert_dims.get(field.name, default)]
     return variables, dims
@@ -231,9 +257,12 @@ def _coords(model, x, y, feature_names: list, output_names: list) -> dict:
     return coords
 
 
-def _chain(tensor: torch.Tensor):
-    """A NumPy array with a leading chain dimension of one."""
-    return tensor.detach().cpu().numpy()[None]
+def _chain(tensor: torch.Tensor, num_chains: int):
+    """A NumPy array ``(chain, draw, ...)`` of draws ``(S, ...)`` that come chain after chain."""
+    # The draws per chain given explicitly: NumPy cannot infer them for a parameter with no
+    # entries (the gate of one expert).
+    per_chain = tensor.shape[0] // num_chains
+    return tensor.detach().cpu().numpy().reshape((num_chains, per_chain) + tuple(tensor.shape[1:]))
 
 
 def to_inference_data(
@@ -251,7 +280,8 @@ def to_inference_data(
     """An ``arviz.InferenceData`` of a fitted pyro_mm model on data ``(x, y)``.
 
     ``az.plot_ppc(idata)``, ``az.loo(idata)``, ``az.waic(idata)`` and ``az.compare`` work on
-    the result directly. Dimensions: ``chain`` (one), ``draw``, ``obs`` (rows of ``x``),
+    the result directly. Dimensions: ``chain`` (one, or an MCMC run's chains), ``draw``,
+    ``obs`` (rows of ``x``),
     ``features`` (columns of ``x``), ``outputs`` (columns of ``y``), ``experts``,
     ``gate_experts`` (the ``K - 1`` experts with free gate weights; the last expert is the
     reference), ``gate_features`` and ``expert_features`` (the regressors ``u(x)``, ``r(x)``).
@@ -270,8 +300,10 @@ def to_inference_data(
     :param x: inputs ``(N, P)``.
     :param y: observed outputs for ``x``.
     :param posterior: ``None`` (the model's point estimate), a :class:`LaplacePosterior`, a
-        Pyro guide fitted by SVI on a model with priors, or a dict ``site -> (S, ...)`` of draws.
-    :param int num_samples: draws to take (ignored for a dict of draws: all are used).
+        Pyro guide fitted by SVI on a model with priors, a :class:`pyro.infer.MCMC` that has
+        run on the model (its chains become the ``chain`` dimension; parameters without a
+        prior keep the model's value), or a dict ``site -> (S, ...)`` of draws.
+    :param int num_samples: draws to take (ignored for MCMC and a dict of draws: all are used).
     :param int seed: seed of every random draw (posterior and posterior predictive).
     :param reference: :class:`~pyro_mm.models.params.MoEParams` whose expert labelling the
         draws are aligned to (default: the Laplace mode for a Laplace posterior, else the
@@ -293,7 +325,7 @@ def to_inference_data(
     with module_parameters_only(), torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         sites = parameter_sites(model, x, y)
-        draws, kind = _site_draws(model, x, y, sites, posterior, num_samples, seed)
+        draws, kind, num_chains = _site_draws(model, x, y, sites, posterior, num_samples, seed)
         point = kind == "point"
         count = num_samples if point else next(iter(draws.values())).shape[0]
         params, log_likelihood, predictive = _evaluate(model, x, y, sites, draws, point, count)
@@ -304,7 +336,7 @@ def to_inference_data(
     aligned = align_draws(params, reference) if isinstance(params[0].gate, torch.Tensor) else params
     stacked = tree_map(lambda *leaves: torch.stack(leaves), *aligned)
     stacked = tree_map(lambda leaf: leaf.expand((count,) + leaf.shape[1:]), stacked)
-    variables, dims = _posterior_variables(model, stacked)
+    variables, dims = _posterior_variables(model, stacked, num_chains)
     dims.update({"y": ["obs", "outputs"] if y.dim() == 2 else ["obs"], "x": ["obs", "features"]})
     used = {dim for variable_dims in dims.values() for dim in variable_dims}
     coords = _coords(model, x, y, feature_names, output_names)
@@ -316,8 +348,8 @@ def to_inference_data(
     }
     return arviz.from_dict(
         posterior=variables,
-        posterior_predictive={"y": _chain(predictive)},
-        log_likelihood={"y": _chain(log_likelihood)},
+        posterior_predictive={"y": _chain(predictive, num_chains)},
+        log_likelihood={"y": _chain(log_likelihood, num_chains)},
         observed_data={"y": y.detach().cpu().numpy()},
         constant_data={"x": x.detach().cpu().numpy()},
         coords={dim: values for dim, values in coords.items() if dim in used},
