@@ -142,3 +142,30 @@ def test_a_covariance_that_is_not_positive_definite_is_refused():
         model.set_params(params)
     with pytest.raises(ValueError, match=r"gate_weight must have shape \(1, 2\), got \(3, 2\)"):
         model.set_param_values({"gate_weight": torch.zeros(3, 2, dtype=torch.float64)})
+
+
+def test_a_model_restored_from_its_state_dict_continues_from_its_fit():
+    # torch's own save/load path keeps the fitted flag (extra state), so init="auto" starts
+    # from the restored parameters instead of re-initialising by K-means.
+    from pyro_mm import IncrementalMM
+
+    truth = gaussian_moe_truth(2, 2, seed=3)
+    x, y = sample_gaussian_moe(truth, 2000, seed=4)
+    fitted = GaussianMoE(2, 2).double()
+    IncrementalMM(fitted).fit(x, y, progress=False)
+    state = fitted.state_dict()
+    restored = GaussianMoE(2, 2).double()
+    restored.load_state_dict(state)
+    assert restored.fitted
+    # A step returns the batch's NLL at the parameters it starts from.
+    loss = IncrementalMM(restored).step(x[:256], y[:256])
+    assert loss == pytest.approx(-fitted.log_prob(x[:256], y[:256]).mean().item(), rel=1e-12)
+    fresh = GaussianMoE(2, 2).double()
+    fresh.load_state_dict(GaussianMoE(2, 2).double().state_dict())
+    assert not fresh.fitted
+    # A state saved without the flag holds parameters given to the model: fitted, loaded
+    # strictly.
+    older = {name: value for name, value in state.items() if name != "_extra_state"}
+    restored = GaussianMoE(2, 2).double()
+    restored.load_state_dict(older)
+    assert restored.fitted

@@ -164,6 +164,24 @@ class MixtureOfExperts(PyroModule):
             # PyroModule.__setattr__ is slow; this runs after every streaming step.
             self.fitted = True
 
+    # ------------------------------------------------------------------------- module state
+    def get_extra_state(self) -> dict:
+        """Saved with the parameters by ``state_dict()``: whether they are fitted, so that a
+        model restored by ``load_state_dict`` continues from them (``init="auto"``) instead of
+        being re-initialised by K-means."""
+        return {"fitted": self.fitted}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.fitted = bool(state["fitted"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state saved before the fitted flag was part of it holds parameters given to the
+        # model, as set_params does: they count as fitted (and the load stays strict-clean).
+        key = prefix + "_extra_state"
+        if key not in state_dict:
+            state_dict[key] = {"fitted": True}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def param_values(self) -> Dict[str, torch.Tensor]:
         """Detached copies of the (constrained) parameters, keyed by parameter name."""
         return {name: value.clone() for name, (value, _) in self._constrained_params().items()}
