@@ -21,6 +21,7 @@ from pyro_mm.surrogates.gate import _DENSE_SIZE, GateStatistics, solve_gate
 from pyro_mm.surrogates.gaussian_expert import (
     _penalised_residual,
     gaussian_expert_statistics,
+    ridge_diagonal,
     solve_gaussian_experts,
 )
 from pyro_mm.surrogates.moments import weighted_gram, weighted_moments, weighted_outer_products
@@ -102,10 +103,13 @@ def test_expert_variance_uses_the_normal_equations_identity():
     resp = torch.softmax(torch.randn(200, 3, generator=generator, dtype=torch.float64), -1)
     stats = gaussian_expert_statistics(resp, features, y)
     previous = random_gaussian_params(3, 4, 2, 4, generator).experts
-    params, _ = solve_gaussian_experts(stats, previous, ridge=1e-3, variance_floor=1e-12)
-    penalty = 1e-3 * stats.weight
-    expected = _penalised_residual(params.weight, stats, penalty) / stats.weight[:, None]
-    assert torch.allclose(params.variance, expected, rtol=1e-12)
+    for intercept in (None, 0):
+        params, _ = solve_gaussian_experts(
+            stats, previous, ridge=1e-3, variance_floor=1e-12, unpenalised_column=intercept
+        )
+        penalty = ridge_diagonal(1e-3 * stats.weight, 4, intercept)
+        expected = _penalised_residual(params.weight, stats, penalty) / stats.weight[:, None]
+        assert torch.allclose(params.variance, expected, rtol=1e-12)
 
 
 def test_features_are_computed_once_when_the_maps_are_equal():

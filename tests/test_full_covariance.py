@@ -119,13 +119,16 @@ def test_surrogate_majorises_touches_and_statistics_represent_it(seed):
     assert max(differences) - min(differences) < 1e-10
 
 
+@pytest.mark.parametrize("intercept", [None, 0])
 @pytest.mark.parametrize(
     "prior", [None, InverseWishartPrior(torch.eye(3, dtype=torch.float64), 5.0, 30.0)]
 )
-def test_solve_is_the_argmin(prior):
+def test_solve_is_the_argmin(prior, intercept):
     _, u, y, anchor = _setup(5)
     resp = torch.softmax(torch.randn(60, 3, generator=torch.Generator().manual_seed(1)), -1)
-    surrogate = FullCovarianceExpertSurrogate(ridge=1e-3, covariance_prior=prior)
+    surrogate = FullCovarianceExpertSurrogate(
+        ridge=1e-3, covariance_prior=prior, unpenalised_column=intercept
+    )
     stats = full_covariance_expert_statistics(resp.double(), u, y)
     solved, report = surrogate.solve(stats, anchor.experts)
     assert not report.empty_experts.any() and report.floored_variances == 0

@@ -112,11 +112,11 @@ def test_statistics_represent_the_surrogate_up_to_a_constant(bound):
 
 
 @pytest.mark.parametrize("bound", BOUNDS)
-@pytest.mark.parametrize("ridge", [0.0, 1e-3])
-def test_closed_form_solves_are_argmins(bound, ridge):
+@pytest.mark.parametrize("ridge, intercept", [(0.0, None), (1e-3, None), (1e-3, 0)])
+def test_closed_form_solves_are_argmins(bound, ridge, intercept):
     generator, u, r, y, anchor = _setup(7, 4, 3, 2, 2)
     curvature = softmax_curvature(3, bound)
-    surrogate = GaussianExpertSurrogate(ridge=ridge)
+    surrogate = GaussianExpertSurrogate(ridge=ridge, unpenalised_column=intercept)
     stats, _ = mixture_statistics(surrogate, anchor, u, r, y, curvature, EPS)
 
     gate = solve_gate(stats.gate, curvature, EPS).requires_grad_()

@@ -32,6 +32,9 @@ class PolynomialFeatures:
         self.degree = int(degree)
         self.num_features = 1 + self.in_features * self.degree
 
+    #: the column of ones: the experts' ridge leaves its coefficient (the intercept) alone.
+    intercept_column = 0
+
     def _powers(self, x: torch.Tensor) -> list:
         """``[x, x**2, ..., x**degree]`` element-wise (for either layout of ``x``)."""
         powers = [x] if self.degree > 0 else []
@@ -73,6 +76,9 @@ class CallableFeatures:
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], num_features: int):
         self.fn = fn
         self.num_features = int(num_features)
+
+    #: no known column of ones: the experts' ridge penalises every coefficient.
+    intercept_column = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         features = self.fn(x)

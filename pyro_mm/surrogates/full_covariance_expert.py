@@ -12,7 +12,8 @@ ordinary weighted least squares, so ``Upsilon_k`` is the diagonal block's soluti
 ``Sigma_k``, and ``Sigma_k`` is the weighted residual covariance.
 
 The covariance estimate is regularised: the ridge ``lambda tr(Upsilon^T Sigma^{-1} Upsilon)/2``
-(the conjugate matrix-normal prior, as in the diagonal block), an optional
+(the conjugate matrix-normal prior, as in the diagonal block, which leaves the intercept's
+coefficient alone), an optional
 :class:`InverseWishartPrior` (MAP: ``Sigma = (R + Psi / N) / (avg tau + (nu + Q + 1) / N)``,
 a shrinkage towards ``Psi``), and an eigenvalue floor (a collapsing direction is raised to the
 floor and counted).
@@ -28,7 +29,12 @@ from ..models.full_covariance_gaussian_moe import (
     full_covariance_expert_log_prob,
 )
 from ..models.params import GaussianExpertParams
-from .gaussian_expert import GaussianExpertStatistics, expert_moments, solve_gaussian_experts
+from .gaussian_expert import (
+    GaussianExpertStatistics,
+    expert_moments,
+    ridge_diagonal,
+    solve_gaussian_experts,
+)
 from .moments import weighted_gram
 from .report import SolveReport
 
@@ -106,10 +112,12 @@ def full_covariance_expert_statistics(
     return FullCovarianceExpertStatistics(*expert_moments(resp, expert_features, y))
 
 
-def _residual_covariance(weight, stats, penalty) -> torch.Tensor:
-    """``avg tau_k (y - Upsilon r)(y - Upsilon r)^T + lambda_k Upsilon Upsilon^T`` per expert."""
+def _residual_covariance(weight, stats, ridge) -> torch.Tensor:
+    """``avg tau_k (y - Upsilon r)(y - Upsilon r)^T + Upsilon diag(ridge_k) Upsilon^T`` per
+    expert (``ridge``: ``(K, D)``, see
+    :func:`~pyro_mm.surrogates.gaussian_expert.ridge_diagonal`)."""
     cross_weight = stats.cross @ weight.mT  # (K, Q, Q)
-    quadratic = weight @ stats.gram @ weight.mT + penalty[:, None, None] * weight @ weight.mT
+    quadratic = weight @ stats.gram @ weight.mT + (weight * ridge[:, None, :]) @ weight.mT
     residual = stats.square - cross_weight - cross_weight.mT + quadratic
     return 0.5 * (residual + residual.mT)
 
@@ -121,6 +129,7 @@ def solve_full_covariance_experts(
     variance_floor: float = 1e-6,
     min_weight: float = 1e-8,
     covariance_prior: InverseWishartPrior = None,
+    unpenalised_column: int = None,
 ):
     r"""Closed-form argmin of the full-covariance expert surrogate.
 
@@ -130,6 +139,8 @@ def solve_full_covariance_experts(
     inverse-Wishart prior ``(that + Psi / N) / (avg tau_k + (nu + Q + 1) / N)``; eigenvalues
     below ``variance_floor`` are raised to it.
 
+    :param int unpenalised_column: the regressors' column of ones, whose coefficient the ridge
+        leaves alone (``None``: every coefficient is penalised).
     :returns: ``(FullCovarianceExpertParams, SolveReport)``; ``floored_variances`` counts the
         eigenvalues raised to the floor.
     """
@@ -143,11 +154,17 @@ def solve_full_covariance_experts(
         weight=previous.weight, variance=previous.covariance.diagonal(0, -2, -1)
     )
     diagonal, report = solve_gaussian_experts(
-        diagonal_stats, diagonal_previous, ridge, variance_floor, min_weight
+        diagonal_stats,
+        diagonal_previous,
+        ridge,
+        variance_floor,
+        min_weight,
+        unpenalised_column=unpenalised_column,
     )
     empty = report.empty_experts
     mass = stats.weight.clamp_min(min_weight)
-    residual = _residual_covariance(diagonal.weight, stats, ridge * mass)
+    penalty = ridge_diagonal(ridge * mass, stats.gram.shape[-1], unpenalised_column)
+    residual = _residual_covariance(diagonal.weight, stats, penalty)
     denominator = mass
     if covariance_prior is not None:
         residual = residual + covariance_prior.scale.to(residual) / covariance_prior.num_data
@@ -169,13 +186,17 @@ def solve_full_covariance_experts(
 
 
 def full_covariance_expert_surrogate_value(
-    params: FullCovarianceExpertParams, stats: FullCovarianceExpertStatistics, ridge=0.0
+    params: FullCovarianceExpertParams,
+    stats: FullCovarianceExpertStatistics,
+    ridge=0.0,
+    unpenalised_column: int = None,
 ) -> torch.Tensor:
     """The expert surrogate (weighted NLL plus ridge) from statistics, summed over experts.
 
     ``ridge`` is absolute here (pass ``ridge * avg tau_k`` to match the solve's scaling).
     """
     penalty = torch.as_tensor(ridge, dtype=stats.weight.dtype).expand(stats.weight.shape)
+    penalty = ridge_diagonal(penalty, stats.gram.shape[-1], unpenalised_column)
     residual = _residual_covariance(params.weight, stats, penalty)
     out_features = params.covariance.shape[-1]
     log_det = torch.linalg.slogdet(params.covariance)[1]
@@ -190,6 +211,8 @@ class FullCovarianceExpertSurrogate:
     :param float variance_floor: smallest eigenvalue of a covariance a solve returns.
     :param float min_weight: responsibility mass below which an expert counts as empty.
     :param InverseWishartPrior covariance_prior: conjugate prior on the covariances (MAP).
+    :param int unpenalised_column: the regressors' column of ones, whose coefficient the ridge
+        leaves alone (``None``: every coefficient is penalised).
     """
 
     def __init__(
@@ -198,6 +221,7 @@ class FullCovarianceExpertSurrogate:
         variance_floor: float = 1e-6,
         min_weight: float = 1e-8,
         covariance_prior: InverseWishartPrior = None,
+        unpenalised_column: int = None,
     ):
         if covariance_prior is not None and not isinstance(covariance_prior, InverseWishartPrior):
             raise TypeError(
@@ -207,6 +231,7 @@ class FullCovarianceExpertSurrogate:
         self.variance_floor = variance_floor
         self.min_weight = min_weight
         self.covariance_prior = covariance_prior
+        self.unpenalised_column = unpenalised_column
 
     log_prob = staticmethod(full_covariance_expert_log_prob)
 
@@ -215,7 +240,13 @@ class FullCovarianceExpertSurrogate:
 
     def solve(self, stats: FullCovarianceExpertStatistics, previous: FullCovarianceExpertParams):
         return solve_full_covariance_experts(
-            stats, previous, self.ridge, self.variance_floor, self.min_weight, self.covariance_prior
+            stats,
+            previous,
+            self.ridge,
+            self.variance_floor,
+            self.min_weight,
+            self.covariance_prior,
+            self.unpenalised_column,
         )
 
     def mean_statistics(self, expert_params, expert_features, weight):
@@ -235,7 +266,9 @@ class FullCovarianceExpertSurrogate:
     def value(self, params: FullCovarianceExpertParams, stats) -> torch.Tensor:
         """The surrogate at ``params`` (with the prior when there is one)."""
         mass = stats.weight.clamp_min(self.min_weight)
-        value = full_covariance_expert_surrogate_value(params, stats, self.ridge * mass)
+        value = full_covariance_expert_surrogate_value(
+            params, stats, self.ridge * mass, self.unpenalised_column
+        )
         if self.covariance_prior is not None:
             value = value + self.covariance_prior.value(params.covariance).sum()
         return value

@@ -7,7 +7,12 @@ negative log-likelihood ``sum_k tau_k [1/2 log(2 pi sigma_kq^2) + (y_q - Upsilon
 ``avg tau_k y_q r`` and ``avg tau_k y_q^2``. Its argmin is weighted least squares.
 
 A ridge ``lambda`` adds ``lambda ||Upsilon_kq||^2 / (2 sigma_kq^2)`` (a conjugate Gaussian prior
-with variance ``sigma^2 / lambda``), which keeps the joint argmin closed form.
+with variance ``sigma^2 / lambda``), which keeps the joint argmin closed form. It leaves the
+intercept's coefficient alone (``unpenalised_column``, the regressors' column of ones): the
+variance estimate includes ``lambda ||Upsilon_kq||^2 / avg tau_k``, and an intercept near ``y``'s
+location ``m`` would add ``lambda m^2 / avg tau_k`` to it, making the fit depend on where ``y``
+is centred (at ``m = 1e5`` and the default ``lambda = 1e-8`` that was a variance of 100 instead
+of 0.26).
 
 MAP inside MM (:mod:`~pyro_mm.surrogates.penalties`): a :class:`CoefficientPenalty` ``pen``
 (lasso and ridge, a Laplace/Gaussian prior independent of the variance) is added to the average
@@ -106,10 +111,22 @@ def gaussian_expert_mean_statistics(
     return GaussianExpertStatistics(weight=mass, gram=gram, cross=cross, square=square)
 
 
-def _penalised_residual(weight, stats: GaussianExpertStatistics, penalty) -> torch.Tensor:
-    """``avg tau_k (y_q - Upsilon_kq r)^2 + lambda_k ||Upsilon_kq||^2`` for every ``(k, q)``."""
+def ridge_diagonal(penalty: torch.Tensor, num_features: int, unpenalised_column=None):
+    """``(K, D)``: the ridge ``lambda_k`` of each expert on each regressor's coefficient, zero
+    in ``unpenalised_column`` (the intercept; ``None``: every coefficient is penalised)."""
+    diagonal = penalty[:, None].expand(penalty.shape[0], num_features)
+    if unpenalised_column is None:
+        return diagonal
+    diagonal = diagonal.clone()
+    diagonal[:, unpenalised_column] = 0.0
+    return diagonal
+
+
+def _penalised_residual(weight, stats: GaussianExpertStatistics, ridge) -> torch.Tensor:
+    """``avg tau_k (y_q - Upsilon_kq r)^2 + sum_d ridge_kd Upsilon_kqd^2`` for every ``(k, q)``
+    (``ridge``: ``(K, D)``, see :func:`ridge_diagonal`)."""
     gram_weight = weight @ stats.gram.mT
-    quadratic = (weight * gram_weight).sum(-1) + penalty[:, None] * weight.square().sum(-1)
+    quadratic = (weight * gram_weight).sum(-1) + (ridge[:, None, :] * weight.square()).sum(-1)
     return stats.square - 2 * (weight * stats.cross).sum(-1) + quadratic
 
 
@@ -131,6 +148,7 @@ def solve_gaussian_experts(
     min_weight: float = 1e-8,
     coefficient_penalty: CoefficientPenalty = None,
     variance_prior: InverseGammaPrior = None,
+    unpenalised_column: int = None,
 ):
     r"""Closed-form argmin of the Gaussian-expert surrogate.
 
@@ -155,13 +173,15 @@ def solve_gaussian_experts(
     :param CoefficientPenalty coefficient_penalty: lasso/ridge on the coefficients (``None``:
         none).
     :param InverseGammaPrior variance_prior: prior on the variances (``None``: none).
+    :param int unpenalised_column: the regressors' column of ones, whose coefficient the ridge
+        leaves alone (``None``: the ridge penalises every coefficient).
     :returns: ``(GaussianExpertParams, SolveReport)``.
     """
     empty = stats.weight < min_weight
     mass = stats.weight.clamp_min(min_weight)
-    penalty = ridge * mass
+    penalty = ridge_diagonal(ridge * mass, stats.gram.shape[-1], unpenalised_column)
     system = stats.gram.clone()
-    system.diagonal(dim1=-2, dim2=-1).add_(penalty.unsqueeze(-1))
+    system.diagonal(dim1=-2, dim2=-1).add_(penalty)
     if coefficient_penalty is not None and coefficient_penalty.active:
         scaled = previous.variance.unsqueeze(-1) * coefficient_penalty.curvature(previous.weight)
         system = system.unsqueeze(1) + torch.diag_embed(scaled)
@@ -187,15 +207,20 @@ def solve_gaussian_experts(
 
 
 def gaussian_expert_surrogate_value(
-    params: GaussianExpertParams, stats: GaussianExpertStatistics, ridge: float = 0.0
+    params: GaussianExpertParams,
+    stats: GaussianExpertStatistics,
+    ridge: float = 0.0,
+    unpenalised_column: int = None,
 ) -> torch.Tensor:
     """The expert surrogate (weighted NLL plus ridge) from statistics, summed over ``k, q``.
 
     Its minimiser over ``params`` is :func:`solve_gaussian_experts` with the same ``ridge``
-    (ridge here is absolute: pass ``ridge * avg tau_k`` to match the solve's scaling).
+    and ``unpenalised_column`` (ridge here is absolute: pass ``ridge * avg tau_k`` to match the
+    solve's scaling).
     """
     penalty = torch.as_tensor(ridge, dtype=stats.weight.dtype).expand(stats.weight.shape)
-    residual = _penalised_residual(params.weight, stats, penalty)
+    ridge = ridge_diagonal(penalty, stats.gram.shape[-1], unpenalised_column)
+    residual = _penalised_residual(params.weight, stats, ridge)
     log_term = stats.weight[:, None] * (math.log(2 * math.pi) + params.variance.log())
     return 0.5 * (log_term + residual / params.variance).sum()
 
@@ -209,6 +234,9 @@ class GaussianExpertSurrogate:
     :param CoefficientPenalty penalty: lasso/ridge on the coefficients, in units of each
         added to the average negative log-likelihood (MAP inside MM; see the module docstring).
     :param InverseGammaPrior variance_prior: conjugate prior on the variances.
+    :param int unpenalised_column: the regressors' column of ones, whose coefficient the ridge
+        leaves alone (:func:`~pyro_mm.surrogates.registry.expert_surrogate_for` passes the
+        model's); ``None``: the ridge penalises every coefficient.
     """
 
     def __init__(
@@ -218,6 +246,7 @@ class GaussianExpertSurrogate:
         min_weight: float = 1e-8,
         penalty: CoefficientPenalty = None,
         variance_prior: InverseGammaPrior = None,
+        unpenalised_column: int = None,
     ):
         if penalty is not None and not isinstance(penalty, CoefficientPenalty):
             raise TypeError(f"penalty must be a CoefficientPenalty or None, got {penalty!r}")
@@ -230,6 +259,7 @@ class GaussianExpertSurrogate:
         self.min_weight = min_weight
         self.penalty = penalty
         self.variance_prior = variance_prior
+        self.unpenalised_column = unpenalised_column
 
     log_prob = staticmethod(gaussian_expert_log_prob)
 
@@ -245,6 +275,7 @@ class GaussianExpertSurrogate:
             self.min_weight,
             self.penalty,
             self.variance_prior,
+            self.unpenalised_column,
         )
 
     def mean_statistics(self, expert_params, expert_features, weight) -> GaussianExpertStatistics:
@@ -259,7 +290,9 @@ class GaussianExpertSurrogate:
     def value(self, params: GaussianExpertParams, stats: GaussianExpertStatistics) -> torch.Tensor:
         """The surrogate at ``params`` (with the penalty and prior, not their majorisers)."""
         mass = stats.weight.clamp_min(self.min_weight)
-        value = gaussian_expert_surrogate_value(params, stats, self.ridge * mass)
+        value = gaussian_expert_surrogate_value(
+            params, stats, self.ridge * mass, self.unpenalised_column
+        )
         if self.penalty is not None:
             value = value + self.penalty.value(params.weight).sum()
         if self.variance_prior is not None:

@@ -41,7 +41,11 @@ def register_expert_surrogate(model_class: type, surrogate_class: type) -> None:
 
 
 def expert_surrogate_for(model: MixtureOfExperts, **options):
-    """The expert surrogate block for ``model``, built with the regularisation ``options``."""
+    """The expert surrogate block for ``model``, built with the regularisation ``options``; a
+    block with a ridge that can leave the intercept alone is told the model's column of ones
+    (``unpenalised_column``)."""
+    if "unpenalised_column" in expert_surrogate_options(model):
+        options.setdefault("unpenalised_column", model.expert_features.intercept_column)
     return expert_surrogate_class(model)(**options)
 
 
