@@ -203,3 +203,21 @@ def test_options_and_keys_are_checked():
         fs.load_state_dict(other.state_dict())
     fs.forget_batches()
     assert fs.batch_statistics == {} and fs.statistics is None
+
+
+def test_shuffled_fit_keeps_the_same_batches_at_every_pass():
+    # fit(shuffle=True) splits one seeded random order into batches and keeps them: the same
+    # iterates as stepping through those batches, each under its own key, pass after pass.
+    x, y = _data()
+    params = _start(x, y).get_params()
+    fitted, stepped = _models_at(params, 2)
+    FiniteSumMM(fitted, init="current", ridge=RIDGE, seed=3).fit(
+        x, y, batch_size=64, epochs=3, shuffle=True, progress=False
+    )
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(3))
+    manual = FiniteSumMM(stepped, init="current", ridge=RIDGE, seed=3)
+    for _ in range(3):
+        for key, start in enumerate(range(0, len(x), 64)):
+            rows = order[start : start + 64]
+            manual.step(x[rows], y[rows], key)
+    assert _max_difference(fitted.get_params(), stepped.get_params()) == 0.0

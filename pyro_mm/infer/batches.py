@@ -9,7 +9,16 @@ from ..validation import as_tensor
 __all__ = ["check_batch", "check_model_dtype", "iterate_batches"]
 
 
-def iterate_batches(x, y=None, batch_size: int = None, epochs: int = 1) -> Iterator[Tuple]:
+def iterate_batches(
+    x,
+    y=None,
+    batch_size: int = None,
+    epochs: int = 1,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    same_order_each_epoch: bool = False,
+) -> Iterator[Tuple]:
     """Yields ``(x_batch, y_batch)`` pairs.
 
     :param x: a tensor/array of inputs, or (when ``y`` is ``None``) any iterable of
@@ -17,10 +26,25 @@ def iterate_batches(x, y=None, batch_size: int = None, epochs: int = 1) -> Itera
     :param y: outputs matching ``x``, or ``None``.
     :param int batch_size: rows per batch when ``x`` and ``y`` are arrays (``None``: all rows).
     :param int epochs: passes over the data.
+    :param bool shuffle: take the rows of arrays in a random order, a new one at each epoch
+        (stochastic approximation assumes exchangeable batches: rows sorted in any way, e.g. by
+        class or by time, bias a pass taken in their order). A stream is shuffled at its source
+        (``DataLoader(..., shuffle=True)``).
+    :param int seed: seed of the orders (a private generator: the global random state is left
+        alone).
+    :param bool same_order_each_epoch: draw one order and keep it (the fixed batches of
+        :class:`~pyro_mm.infer.FiniteSumMM`).
     """
     if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not isinstance(shuffle, bool):
+        raise TypeError(f"shuffle must be True or False, got {shuffle!r}")
     if y is None:
+        if shuffle:
+            raise ValueError(
+                "shuffle applies to arrays fit(x, y); shuffle a stream at its source, e.g. "
+                "DataLoader(dataset, batch_size=..., shuffle=True)"
+            )
         if isinstance(x, (torch.Tensor,)) or hasattr(x, "shape"):
             raise ValueError(
                 "y is missing: pass fit(x, y) or fit(stream) with an iterable of (x, y)"
@@ -41,9 +65,17 @@ def iterate_batches(x, y=None, batch_size: int = None, epochs: int = 1) -> Itera
         batch_size = num_rows
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
+    order = None
     for _ in range(int(epochs)):
+        if shuffle and (order is None or not same_order_each_epoch):
+            order = torch.randperm(num_rows, generator=generator)
         for start in range(0, num_rows, int(batch_size)):
-            yield x_all[start : start + batch_size], y_all[start : start + batch_size]
+            if order is None:
+                yield x_all[start : start + batch_size], y_all[start : start + batch_size]
+            else:
+                rows = order[start : start + batch_size]
+                yield x_all[rows], y_all[rows]
 
 
 def check_model_dtype(model, dtype: torch.dtype) -> None:

@@ -240,11 +240,14 @@ class EMLikeInference:
             self.regularisation["unconverged_gate_steps"] += 1
         self.model.set_params(params, validate=False)
 
-    def _fit_stream(self, x, y, batch_size, epochs: int, progress: bool) -> FitHistory:
-        """Runs ``step`` over ``iterate_batches(x, y, batch_size, epochs)`` with a progress bar."""
+    def _fit_stream(
+        self, x, y, batch_size, epochs: int, progress: bool, shuffle: bool = False
+    ) -> FitHistory:
+        """Runs ``step`` over ``iterate_batches(x, y, batch_size, epochs)`` with a progress bar
+        (rows in a new random order at each epoch with ``shuffle``, seeded by ``seed``)."""
         return fit_loop(
             self,
-            iterate_batches(x, y, batch_size, epochs),
+            iterate_batches(x, y, batch_size, epochs, shuffle=shuffle, seed=self.seed),
             total=count_batches(x, y, batch_size, epochs),
             progress=progress,
             desc=self.name,

@@ -106,7 +106,16 @@ class FiniteSumMM(IncrementalMM):
         finally:
             self._key = self._pending = None
 
-    def fit(self, x, y=None, *, batch_size: int = None, epochs: int = 1, progress: bool = True):
+    def fit(
+        self,
+        x,
+        y=None,
+        *,
+        batch_size: int = None,
+        epochs: int = 1,
+        shuffle: bool = False,
+        progress: bool = True,
+    ):
         """Steps through the consecutive batches of ``batch_size`` rows of ``(x, y)``, ``epochs``
         times, batch ``i`` under key ``i``.
 
@@ -114,6 +123,8 @@ class FiniteSumMM(IncrementalMM):
         :param y: outputs.
         :param int batch_size: rows per batch (default 256).
         :param int epochs: passes over the data.
+        :param bool shuffle: split the rows, in one random order (seeded by ``seed``), into
+            batches; the batches stay the same at every pass, as the stored statistics need.
         :param bool progress: show a tqdm progress bar.
         :returns: the :class:`~pyro_mm.infer.FitHistory` of this call.
         """
@@ -124,7 +135,15 @@ class FiniteSumMM(IncrementalMM):
         keyed = _KeyedSteps(self, num_batches)
         return fit_loop(
             keyed,
-            iterate_batches(x, y, batch_size, epochs),
+            iterate_batches(
+                x,
+                y,
+                batch_size,
+                epochs,
+                shuffle=shuffle,
+                seed=self.seed,
+                same_order_each_epoch=True,
+            ),
             total=num_batches * int(epochs),
             progress=progress,
             desc=type(self).__name__,

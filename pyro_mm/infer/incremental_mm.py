@@ -374,7 +374,16 @@ class IncrementalMM:
         with torch.no_grad():
             return -self.model.log_prob(x, y).mean().item()
 
-    def fit(self, x, y=None, *, batch_size: int = None, epochs: int = 1, progress: bool = True):
+    def fit(
+        self,
+        x,
+        y=None,
+        *,
+        batch_size: int = None,
+        epochs: int = 1,
+        shuffle: bool = False,
+        progress: bool = True,
+    ):
         """Runs :meth:`step` over a whole stream.
 
         :param x: inputs ``(N, P)``, or (with ``y=None``) an iterable of ``(x, y)`` batches.
@@ -382,6 +391,9 @@ class IncrementalMM:
         :param int batch_size: rows per step for array inputs (default 256, which reaches the
             MLE's NLL within 1e-3 nats in one pass of 10^5 samples in ``benchmarks/streaming.py``).
         :param int epochs: passes over the data.
+        :param bool shuffle: take the rows of arrays in a new random order at each epoch (seeded
+            by ``seed``). Without it they come in their order, which must then be random: rows
+            sorted in any way (by class, by time, by an input) bias the stochastic updates.
         :param bool progress: show a tqdm progress bar.
         :returns: the :class:`FitHistory` of this call (also appended to ``self.history``).
         """
@@ -389,7 +401,7 @@ class IncrementalMM:
             batch_size = 256
         return fit_loop(
             self,
-            iterate_batches(x, y, batch_size, epochs),
+            iterate_batches(x, y, batch_size, epochs, shuffle=shuffle, seed=self.seed),
             total=count_batches(x, y, batch_size, epochs),
             progress=progress,
         )

@@ -179,7 +179,14 @@ class MirrorDescentEM(EMLikeInference):
         return loss.item()
 
     def fit(
-        self, x, y=None, *, batch_size: int = None, epochs: int = 1, progress: bool = True
+        self,
+        x,
+        y=None,
+        *,
+        batch_size: int = None,
+        epochs: int = 1,
+        shuffle: bool = False,
+        progress: bool = True,
     ) -> FitHistory:
         """Runs :meth:`step` over a whole stream.
 
@@ -188,8 +195,10 @@ class MirrorDescentEM(EMLikeInference):
         :param int batch_size: rows per step for array inputs (default: the constructor's
             ``batch_size``; ``None`` there too means the whole data set per step).
         :param int epochs: passes over the data (for batch mirror descent: the number of steps).
+        :param bool shuffle: take the rows of arrays in a new random order at each epoch
+            (seeded by ``seed``); without it, in their order, which must then be random.
         :param bool progress: show a tqdm progress bar.
         :returns: the :class:`FitHistory` of this call (also appended to ``self.history``).
         """
         batch_size = self.batch_size if batch_size is None else batch_size
-        return self._fit_stream(x, y, batch_size, epochs, progress)
+        return self._fit_stream(x, y, batch_size, epochs, progress, shuffle)

@@ -304,19 +304,30 @@ class SVIFit:
         with torch.no_grad():
             return -self.model.log_prob(x, y).mean().item()
 
-    def fit(self, x, y=None, *, batch_size: int = None, epochs: int = 1, progress: bool = True):
+    def fit(
+        self,
+        x,
+        y=None,
+        *,
+        batch_size: int = None,
+        epochs: int = 1,
+        shuffle: bool = False,
+        progress: bool = True,
+    ):
         """Runs :meth:`step` over a whole stream.
 
         :param x: inputs ``(N, P)``, or (with ``y=None``) an iterable of ``(x, y)`` batches.
         :param y: outputs, or ``None`` when ``x`` is a stream of batches.
         :param int batch_size: rows per step for array inputs (default 256, as IncrementalMM).
         :param int epochs: passes over the data.
+        :param bool shuffle: take the rows of arrays in a new random order at each epoch
+            (seeded by ``seed``); without it, in their order, which must then be random.
         :param bool progress: show a tqdm progress bar.
         :returns: the :class:`FitHistory` of this call (also appended to ``self.history``).
         """
         if y is not None and batch_size is None:
             batch_size = 256
-        batches = iterate_batches(x, y, batch_size, epochs)
+        batches = iterate_batches(x, y, batch_size, epochs, shuffle=shuffle, seed=self.seed)
         self._fit_num_data = len(x) if y is not None else None
         try:
             return fit_loop(
