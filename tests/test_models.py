@@ -24,6 +24,15 @@ def test_callable_features_checks_width():
     assert model.features(torch.zeros(4, 2, dtype=model.dtype))[1].shape == (4, 3)
     with pytest.raises(ValueError, match="columns"):
         CallableFeatures(lambda x: x, 5)(torch.zeros(3, 2))
+    # Its column of ones, when named, is the one the experts' ridge leaves alone.
+    from pyro_mm.surrogates import expert_surrogate_for
+
+    assert expert_surrogate_for(model).unpenalised_column is None
+    named = CallableFeatures(fmap.fn, 3, intercept_column=0)
+    assert expert_surrogate_for(GaussianMoE(2, 2, expert_degree=named)).unpenalised_column == 0
+    for bad in (3, -1, 0.0, True):
+        with pytest.raises(ValueError, match="intercept_column"):
+            CallableFeatures(fmap.fn, 3, intercept_column=bad)
 
 
 def _fitted_model(num_experts=3, in_features=2, out_features=2, seed=0):

@@ -71,14 +71,29 @@ class CallableFeatures:
 
     :param callable fn: maps a ``(N, P)`` tensor to a ``(N, num_features)`` tensor.
     :param int num_features: number of columns ``fn`` returns.
+    :param int intercept_column: the index of ``fn``'s column of ones, if it has one: the
+        experts' ridge leaves that coefficient alone, so that a fit does not depend on where
+        ``y`` is centred (``None``: the ridge penalises every coefficient).
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], num_features: int):
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        num_features: int,
+        intercept_column: int = None,
+    ):
         self.fn = fn
         self.num_features = int(num_features)
-
-    #: no known column of ones: the experts' ridge penalises every coefficient.
-    intercept_column = None
+        if intercept_column is not None and not (
+            isinstance(intercept_column, int)
+            and not isinstance(intercept_column, bool)
+            and 0 <= intercept_column < self.num_features
+        ):
+            raise ValueError(
+                f"intercept_column must be None or a column index in [0, {self.num_features}), "
+                f"got {intercept_column!r}"
+            )
+        self.intercept_column = intercept_column
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         features = self.fn(x)
@@ -93,7 +108,10 @@ class CallableFeatures:
         return torch.cat([self(x).T, append.T])
 
     def __repr__(self) -> str:
-        return f"CallableFeatures({self.fn!r}, num_features={self.num_features})"
+        intercept = (
+            "" if self.intercept_column is None else f", intercept_column={self.intercept_column}"
+        )
+        return f"CallableFeatures({self.fn!r}, num_features={self.num_features}{intercept})"
 
 
 FeatureSpec = Union[int, PolynomialFeatures, CallableFeatures]
