@@ -14,7 +14,8 @@ huge magnitudes, overflowing likelihood  | ValueError (log-likelihood not finite
 huge magnitudes, overflowing statistics  | FloatingPointError (statistics overflow), state unchanged
 constant features (singular Gram)        | ridge / gate_eps: finite fit, same loss as without them
 expert with no responsibility            | keeps its parameters, counted in empty_expert_steps
-variance collapsing to zero              | floored at variance_floor, counted in floored_variances
+variance collapsing to zero              | floored at variance_floor, counted in floored_variances,
+                                         | one RuntimeWarning per fit (also for EM)
 any of the errors with on_bad_batch=skip | batch skipped, counted in skipped_batches, nan loss
 label out of range (MultinomialMoE)      | ValueError naming the labels and rows, state unchanged
 model converted to another dtype mid-fit | TypeError naming both dtypes, state unchanged (all fits)
@@ -23,6 +24,7 @@ configuration errors with on_bad_batch   | raised all the same (the two rows abo
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -236,13 +238,23 @@ def test_a_collapsing_variance_is_floored_and_counted():
     x, _ = sample_gaussian_moe(gaussian_moe_truth(2, 3, seed=0), 2000, seed=1)
     exact = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64) + 0.3
     infer = IncrementalMM(GaussianMoE(2, 3), variance_floor=1e-6)
-    losses = [
-        infer.step(x[start : start + 200], exact[start : start + 200])
-        for start in range(0, 2000, 200)
-    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses = [
+            infer.step(x[start : start + 200], exact[start : start + 200])
+            for start in range(0, 2000, 200)
+        ]
     assert all(math.isfinite(loss) for loss in losses)
     assert torch.equal(infer.params.experts.variance, torch.full((2, 1), 1e-6, dtype=torch.float64))
     assert infer.regularisation["floored_variances"] == 2 * len(losses)
+    # Reported once (the counter keeps counting): outputs in too small units look the same.
+    floored = [w for w in caught if "variance_floor=1e-06" in str(w.message)]
+    assert len(floored) == 1 and floored[0].category is RuntimeWarning
+    assert "rescale y" in str(floored[0].message)
+    em = EM(GaussianMoE(2, 3), variance_floor=1e-6)
+    with pytest.warns(RuntimeWarning, match="EM raised 2 expert variance"):
+        em.fit(x, exact, max_iter=3)
+    assert em.regularisation["floored_variances"] >= 2
 
 
 @pytest.mark.parametrize("label", [3, -1])

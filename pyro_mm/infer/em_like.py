@@ -3,6 +3,8 @@
 the current parameters ``theta_t`` (plain :class:`~pyro_mm.models.params.MoEParams`), and each
 step maps ``theta_t`` to ``theta_{t+1}`` from the E-step on the batch it is given."""
 
+import warnings
+
 import torch
 
 from ..init import check_init, initial_params
@@ -30,6 +32,21 @@ __all__ = [
     "check_fit_setup",
     "gate_solver_options",
 ]
+
+
+def warn_floored_variances(name: str, count: int, variance_floor: float, step: int) -> None:
+    """Warns that a step raised ``count`` expert variances to the floor: a variance collapsing
+    onto a few points (the floor is the intended regularisation) or outputs in units so small
+    that their noise variance lies below the floor (the fit is then wrong, not regularised).
+    Fitting classes warn once per fit and count every step in ``regularisation``."""
+    warnings.warn(
+        f"{name} raised {count} expert variance(s) to variance_floor={variance_floor:g} at step "
+        f"{step}: a variance collapsing onto a few points, or outputs whose noise variance is "
+        f"below the floor (rescale y, or lower variance_floor); counted in "
+        f"regularisation['floored_variances'] (warned once per fit)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def check_fit_setup(model, algorithm: str, *, init: str, ridge, variance_floor, dtype) -> None:
@@ -117,6 +134,7 @@ class EMLikeInference:
         self.seed = seed
         self.dtype = dtype
         self.ridge, self.variance_floor = float(ridge), float(variance_floor)
+        self._warned_floor = False
         #: current iterate ``theta_t`` (``None`` before initialisation).
         self.params: MoEParams = None
         #: number of steps taken.
@@ -236,6 +254,11 @@ class EMLikeInference:
         if report is not None:
             self.regularisation["empty_expert_steps"] += int(bool(report.empty_experts.any()))
             self.regularisation["floored_variances"] += report.floored_variances
+            if report.floored_variances and not self._warned_floor:
+                self._warned_floor = True
+                warn_floored_variances(
+                    self.name, report.floored_variances, self.variance_floor, self.num_steps
+                )
         if gate_fit is not None and not gate_fit.converged:
             self.regularisation["unconverged_gate_steps"] += 1
         self.model.set_params(params, validate=False)

@@ -16,7 +16,7 @@ from ..surrogates.registry import (
 )
 from .batches import check_batch, check_model_dtype, iterate_batches
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
-from .em_like import check_fit_setup
+from .em_like import check_fit_setup, warn_floored_variances
 from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
 from .schedules import PowerDecay
@@ -173,6 +173,7 @@ class IncrementalMM:
         self.dtype = dtype
         self.ridge = float(ridge)
         self.variance_floor = float(variance_floor)
+        self._warned_floor = False
         self.on_bad_batch = on_bad_batch
         self.process_group = resolve_process_group(process_group)
         self.gate_surrogate = gate_surrogate_for(model)
@@ -340,6 +341,11 @@ class IncrementalMM:
         self.samples_seen += num_rows
         self.regularisation["empty_expert_steps"] += int(bool(report.empty_experts.any()))
         self.regularisation["floored_variances"] += report.floored_variances
+        if report.floored_variances and not self._warned_floor:
+            self._warned_floor = True
+            warn_floored_variances(
+                type(self).__name__, report.floored_variances, self.variance_floor, self.num_steps
+            )
         self._update_average()
         self.model.set_params(self.estimate, validate=False)
         return loss
