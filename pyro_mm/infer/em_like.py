@@ -34,15 +34,19 @@ __all__ = [
 ]
 
 
-def warn_floored_variances(name: str, count: int, variance_floor: float, step: int) -> None:
-    """Warns that a step raised ``count`` expert variances to the floor: a variance collapsing
-    onto a few points (the floor is the intended regularisation) or outputs in units so small
-    that their noise variance lies below the floor (the fit is then wrong, not regularised).
-    Fitting classes warn once per fit and count every step in ``regularisation``."""
+def count_floored_variances(fitter, name: str, count: int) -> None:
+    """Adds a step's ``count`` floored expert variances to ``fitter.regularisation`` and, the
+    first time in the fit, warns: a variance collapsing onto a few points (the floor is the
+    intended regularisation) and outputs in units so small that their noise variance lies below
+    the floor (the fit is then wrong, not regularised) look the same."""
+    fitter.regularisation["floored_variances"] += count
+    if not count or fitter._warned_floor:
+        return
+    fitter._warned_floor = True
     warnings.warn(
-        f"{name} raised {count} expert variance(s) to variance_floor={variance_floor:g} at step "
-        f"{step}: a variance collapsing onto a few points, or outputs whose noise variance is "
-        f"below the floor (rescale y, or lower variance_floor); counted in "
+        f"{name} raised {count} expert variance(s) to variance_floor={fitter.variance_floor:g} "
+        f"at step {fitter.num_steps}: a variance collapsing onto a few points, or outputs whose "
+        f"noise variance is below the floor (rescale y, or lower variance_floor); counted in "
         f"regularisation['floored_variances'] (warned once per fit)",
         RuntimeWarning,
         stacklevel=4,
@@ -253,12 +257,7 @@ class EMLikeInference:
         self.samples_seen += num_rows
         if report is not None:
             self.regularisation["empty_expert_steps"] += int(bool(report.empty_experts.any()))
-            self.regularisation["floored_variances"] += report.floored_variances
-            if report.floored_variances and not self._warned_floor:
-                self._warned_floor = True
-                warn_floored_variances(
-                    self.name, report.floored_variances, self.variance_floor, self.num_steps
-                )
+            count_floored_variances(self, self.name, report.floored_variances)
         if gate_fit is not None and not gate_fit.converged:
             self.regularisation["unconverged_gate_steps"] += 1
         self.model.set_params(params, validate=False)

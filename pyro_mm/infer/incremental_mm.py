@@ -16,7 +16,7 @@ from ..surrogates.registry import (
 )
 from .batches import check_batch, check_model_dtype, iterate_batches
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
-from .em_like import check_fit_setup, warn_floored_variances
+from .em_like import check_fit_setup, count_floored_variances
 from .fit_loop import count_batches, fit_loop
 from .history import FitHistory
 from .schedules import PowerDecay
@@ -340,12 +340,7 @@ class IncrementalMM:
         self.num_steps += 1
         self.samples_seen += num_rows
         self.regularisation["empty_expert_steps"] += int(bool(report.empty_experts.any()))
-        self.regularisation["floored_variances"] += report.floored_variances
-        if report.floored_variances and not self._warned_floor:
-            self._warned_floor = True
-            warn_floored_variances(
-                type(self).__name__, report.floored_variances, self.variance_floor, self.num_steps
-            )
+        count_floored_variances(self, type(self).__name__, report.floored_variances)
         self._update_average()
         self.model.set_params(self.estimate, validate=False)
         return loss

@@ -192,6 +192,9 @@ class SVIFit:
             )
         loss = Trace_ELBO() if loss is None else loss
         _check_loss(loss, model, create_graph)
+        # Read once: inspecting the optimiser's signature at every step would cost more than
+        # its bookkeeping.
+        self._steps_with_closure = isinstance(optim, type) and needs_closure(optim)
         self.model = model.to(dtype)
         self.guide_spec = guide
         self.guide_args = dict(guide_args or {})
@@ -531,7 +534,7 @@ class SVIFit:
             # SVI binds the (scaled) model at construction; the scale follows num_data.
             self.optimizer.model, self.optimizer.guide = self._scaled(x)
             return self.optimizer.step(x, y, num_data=num_data)
-        if needs_closure(self.optim):
+        if self._steps_with_closure:
 
             def closure():
                 self.optimizer.zero_grad(set_to_none=True)

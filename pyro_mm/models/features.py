@@ -6,6 +6,7 @@ element-wise power. Its feature vector repeats the intercept ``x_p^0 = 1`` once 
 dimension, which makes the Gram matrix singular; here the intercept appears once.
 """
 
+import numbers
 from typing import Callable, Union
 
 import torch
@@ -85,7 +86,7 @@ class CallableFeatures:
         self.fn = fn
         self.num_features = int(num_features)
         if intercept_column is not None and not (
-            isinstance(intercept_column, int)
+            isinstance(intercept_column, numbers.Integral)
             and not isinstance(intercept_column, bool)
             and 0 <= intercept_column < self.num_features
         ):
@@ -93,7 +94,7 @@ class CallableFeatures:
                 f"intercept_column must be None or a column index in [0, {self.num_features}), "
                 f"got {intercept_column!r}"
             )
-        self.intercept_column = intercept_column
+        self.intercept_column = None if intercept_column is None else int(intercept_column)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         features = self.fn(x)

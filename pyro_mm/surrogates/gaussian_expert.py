@@ -11,8 +11,8 @@ with variance ``sigma^2 / lambda``), which keeps the joint argmin closed form. I
 intercept's coefficient alone (``unpenalised_column``, the regressors' column of ones): the
 variance estimate includes ``lambda ||Upsilon_kq||^2 / avg tau_k``, and an intercept near ``y``'s
 location ``m`` would add ``lambda m^2 / avg tau_k`` to it, making the fit depend on where ``y``
-is centred (at ``m = 1e5`` and the default ``lambda = 1e-8`` that was a variance of 100 instead
-of 0.26).
+is centred (at ``m = 1e5`` and the default ``lambda = 1e-8`` that was a variance of about 100
+instead of 0.25).
 
 MAP inside MM (:mod:`~pyro_mm.surrogates.penalties`): a :class:`CoefficientPenalty` ``pen``
 (lasso and ridge, a Laplace/Gaussian prior independent of the variance) is added to the average
