@@ -126,3 +126,55 @@ def test_missing_and_boolean_values_are_rejected(tmp_path):
     path.write_text("a,y\nTrue,2\nFalse,3\n")
     with pytest.raises(ValueError, match="column 'a' holds booleans"):
         list(CsvBatchStream(path, "y"))
+
+
+def test_shuffle_buffer_draws_batches_from_a_pool_in_a_new_order_each_pass(tmp_path):
+    rows = 1000
+    path = tmp_path / "sorted.csv"
+    pd.DataFrame({"x": np.arange(rows) * 0.5, "y": np.arange(rows)}).to_csv(path, index=False)
+    buffer, chunk = 200, 64
+    stream = CsvBatchStream(
+        path, "y", batch_size=32, chunk_size=chunk, shuffle_buffer=buffer, seed=4
+    )
+    passes = []
+    for _ in range(2):
+        x, y, batches = concatenated(stream)
+        assert [len(b[1]) for b in batches] == [32] * 31 + [8]
+        assert torch.equal(y.sort().values, torch.arange(rows, dtype=y.dtype))  # each row once
+        assert torch.equal(x[:, 0], 0.5 * y)  # rows stay whole
+        # When a row leaves, fewer than buffer + batch + chunk rows read are still to leave:
+        # the pool holds < buffer + batch rows after each emission, then takes a chunk.
+        assert bool((y < torch.arange(rows) + buffer + 32 + chunk).all())
+        assert not torch.equal(y, y.sort().values)
+        passes.append(y)
+    assert not torch.equal(passes[0], passes[1])  # a new order at each pass ...
+    again = CsvBatchStream(
+        path, "y", batch_size=32, chunk_size=chunk, shuffle_buffer=buffer, seed=4
+    )
+    assert torch.equal(concatenated(again)[1], passes[0])  # ... seeded
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="shuffle_buffer"):
+            CsvBatchStream(path, "y", shuffle_buffer=bad)
+
+
+def test_a_shuffled_stream_of_a_sorted_file_fits_as_the_rows_in_random_order(tmp_path):
+    from pyro_mm import GaussianMoE, IncrementalMM
+    from pyro_mm.datasets import gaussian_moe_truth, sample_gaussian_moe
+
+    truth = gaussian_moe_truth(2, 2, seed=3)
+    x, y = sample_gaussian_moe(truth, 20000, seed=4)
+    order = torch.argsort(y[:, 0])
+    path = tmp_path / "sorted_by_y.csv"
+    frame = pd.DataFrame(x[order].numpy(), columns=["x0", "x1"]).assign(y=y[order, 0].numpy())
+    frame.to_csv(path, index=False)
+    nll = {}
+    for label, buffer in (("file order", None), ("shuffled", 20000)):
+        model = GaussianMoE(2, 2).double()
+        stream = CsvBatchStream(path, "y", batch_size=256, shuffle_buffer=buffer)
+        IncrementalMM(model).fit(stream, progress=False)
+        nll[label] = -model.log_prob(x, y).mean().item()
+    in_memory = GaussianMoE(2, 2).double()
+    IncrementalMM(in_memory).fit(x, y, progress=False)
+    random_order = -in_memory.log_prob(x, y).mean().item()
+    assert nll["file order"] > random_order + 0.5
+    assert nll["shuffled"] == pytest.approx(random_order, abs=0.01)

@@ -19,8 +19,12 @@ class CsvBatchStream:
     chunk, so that only ``chunk_size`` rows are in memory at a time.
 
     Batches follow the file's row order and all hold ``batch_size`` rows except possibly the
-    last one (rows are carried over between chunks). Each ``iter()`` re-opens the file, so the
-    stream can be passed to ``fit(stream, epochs=...)`` for several passes::
+    last one (rows are carried over between chunks). A file sorted in any way (by time, by class)
+    makes a biased stream for stochastic updates: with ``shuffle_buffer`` the rows go through a
+    pool of that many rows, and each batch is drawn at random from the pool (as
+    ``tf.data.Dataset.shuffle``; a pool at least as large as the file shuffles it completely),
+    in a new order at each pass. Each ``iter()`` re-opens the file, so the stream can be passed
+    to ``fit(stream, epochs=...)`` for several passes::
 
         stream = CsvBatchStream("train.csv", target="y", batch_size=64)
         IncrementalMM(model).fit(stream, epochs=3)
@@ -35,8 +39,12 @@ class CsvBatchStream:
     :param features: the input columns of ``x``, in this order (default: every column that is
         not a target, in file order).
     :param int batch_size: rows per yielded batch.
-    :param int chunk_size: rows pandas reads at a time (memory bound of the stream).
+    :param int chunk_size: rows pandas reads at a time (memory bound of the stream, with the
+        shuffle pool).
     :param torch.dtype dtype: floating dtype of ``x`` and ``y``.
+    :param int shuffle_buffer: rows of the shuffle pool (``None``: the file's order).
+    :param int seed: seed of the shuffle; pass ``k`` of the stream (counting from 0) draws its
+        order from a private generator seeded ``seed + k``.
     """
 
     def __init__(
@@ -48,6 +56,8 @@ class CsvBatchStream:
         batch_size: int = 256,
         chunk_size: int = 65536,
         dtype: torch.dtype = torch.float64,
+        shuffle_buffer: int = None,
+        seed: int = 0,
     ):
         import pandas as pd
 
@@ -59,6 +69,13 @@ class CsvBatchStream:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
         self.dtype = dtype
+        self.shuffle_buffer = (
+            None if shuffle_buffer is None else _positive_int("shuffle_buffer", shuffle_buffer)
+        )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self._passes = 0
         self._single_target = isinstance(target, str)
         targets = [target] if self._single_target else list(target)
         header = list(pd.read_csv(self.path, nrows=0).columns)
@@ -92,6 +109,35 @@ class CsvBatchStream:
         self.targets: Tuple[str, ...] = tuple(targets)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if self.shuffle_buffer is not None:
+            generator = torch.Generator().manual_seed(self.seed + self._passes)
+            self._passes += 1
+            return self._shuffled(generator)
+        return self._in_file_order()
+
+    def _shuffled(self, generator: torch.Generator):
+        """Batches drawn at random from a pool of ``shuffle_buffer`` rows refilled chunk by
+        chunk: each chunk joins the pool, the pool is permuted, and every full batch beyond
+        ``shuffle_buffer`` rows leaves it."""
+        pool_x = pool_y = None
+        for x, y in self._chunks():
+            if pool_x is not None:
+                x, y = torch.cat([pool_x, x]), torch.cat([pool_y, y])
+            order = torch.randperm(x.shape[0], generator=generator)
+            x, y = x[order], y[order]
+            leaving = max(0, x.shape[0] - self.shuffle_buffer) // self.batch_size
+            for start in range(0, leaving * self.batch_size, self.batch_size):
+                yield self._batch(
+                    x[start : start + self.batch_size], y[start : start + self.batch_size]
+                )
+            pool_x, pool_y = x[leaving * self.batch_size :], y[leaving * self.batch_size :]
+        if pool_x is not None:
+            for start in range(0, pool_x.shape[0], self.batch_size):
+                yield self._batch(
+                    pool_x[start : start + self.batch_size], pool_y[start : start + self.batch_size]
+                )
+
+    def _in_file_order(self):
         pending_x = pending_y = None
         for x, y in self._chunks():
             if pending_x is not None:
