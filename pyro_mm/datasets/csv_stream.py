@@ -109,47 +109,36 @@ class CsvBatchStream:
         self.targets: Tuple[str, ...] = tuple(targets)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        generator = None
         if self.shuffle_buffer is not None:
             generator = torch.Generator().manual_seed(self.seed + self._passes)
             self._passes += 1
-            return self._shuffled(generator)
-        return self._in_file_order()
+        return self._batches(generator)
 
-    def _shuffled(self, generator: torch.Generator):
-        """Batches drawn at random from a pool of ``shuffle_buffer`` rows refilled chunk by
-        chunk: each chunk joins the pool, the pool is permuted, and every full batch beyond
-        ``shuffle_buffer`` rows leaves it."""
-        pool_x = pool_y = None
-        for x, y in self._chunks():
-            if pool_x is not None:
-                x, y = torch.cat([pool_x, x]), torch.cat([pool_y, y])
-            order = torch.randperm(x.shape[0], generator=generator)
-            x, y = x[order], y[order]
-            leaving = max(0, x.shape[0] - self.shuffle_buffer) // self.batch_size
-            for start in range(0, leaving * self.batch_size, self.batch_size):
-                yield self._batch(
-                    x[start : start + self.batch_size], y[start : start + self.batch_size]
-                )
-            pool_x, pool_y = x[leaving * self.batch_size :], y[leaving * self.batch_size :]
-        if pool_x is not None:
-            for start in range(0, pool_x.shape[0], self.batch_size):
-                yield self._batch(
-                    pool_x[start : start + self.batch_size], pool_y[start : start + self.batch_size]
-                )
-
-    def _in_file_order(self):
+    def _batches(self, generator: torch.Generator = None):
+        """Full batches as the chunks arrive, the rows carried over between chunks. With a
+        ``generator``, the carried rows are the shuffle pool: each chunk joins it, the pool is
+        permuted, and every full batch beyond ``shuffle_buffer`` rows leaves it."""
+        reserve = 0 if generator is None else self.shuffle_buffer
         pending_x = pending_y = None
         for x, y in self._chunks():
             if pending_x is not None:
                 x, y = torch.cat([pending_x, x]), torch.cat([pending_y, y])
-            full = (x.shape[0] // self.batch_size) * self.batch_size
+            if generator is not None:
+                order = torch.randperm(x.shape[0], generator=generator)
+                x, y = x[order], y[order]
+            full = max(0, x.shape[0] - reserve) // self.batch_size * self.batch_size
             for start in range(0, full, self.batch_size):
                 yield self._batch(
                     x[start : start + self.batch_size], y[start : start + self.batch_size]
                 )
             pending_x, pending_y = x[full:], y[full:]
-        if pending_x is not None and pending_x.shape[0] > 0:
-            yield self._batch(pending_x, pending_y)
+        if pending_x is not None:
+            for start in range(0, pending_x.shape[0], self.batch_size):
+                yield self._batch(
+                    pending_x[start : start + self.batch_size],
+                    pending_y[start : start + self.batch_size],
+                )
 
     def _batch(self, x: torch.Tensor, y: torch.Tensor):
         return x, (y[:, 0] if self._single_target else y)

@@ -13,8 +13,7 @@ from ..models.params import MoEParams, tree_leaves, tree_to
 from ..surrogates.mixture import e_step
 from ..surrogates.registry import expert_surrogate_with_bound, gate_surrogate_for
 from ..validation import positive_integer, positive_number
-from .batches import check_batch, iterate_batches
-from .fit_loop import count_batches, fit_loop
+from .batches import check_batch
 from .history import FitHistory
 from .state import (
     check_finite_state,
@@ -261,16 +260,3 @@ class EMLikeInference:
         if gate_fit is not None and not gate_fit.converged:
             self.regularisation["unconverged_gate_steps"] += 1
         self.model.set_params(params, validate=False)
-
-    def _fit_stream(
-        self, x, y, batch_size, epochs: int, progress: bool, shuffle: bool = False
-    ) -> FitHistory:
-        """Runs ``step`` over ``iterate_batches(x, y, batch_size, epochs)`` with a progress bar
-        (rows in a new random order at each epoch with ``shuffle``, seeded by ``seed``)."""
-        return fit_loop(
-            self,
-            iterate_batches(x, y, batch_size, epochs, shuffle=shuffle, seed=self.seed),
-            total=count_batches(x, y, batch_size, epochs),
-            progress=progress,
-            desc=self.name,
-        )

@@ -4,9 +4,10 @@ per step, an optional progress bar."""
 import time
 from typing import Iterable, Optional
 
+from .batches import iterate_batches
 from .history import FitHistory
 
-__all__ = ["fit_loop", "count_batches"]
+__all__ = ["fit_batches", "fit_loop", "count_batches"]
 
 
 def count_batches(x, y, batch_size: int, epochs: int) -> Optional[int]:
@@ -45,3 +46,18 @@ def fit_loop(
             fitter.history.append(loss, fitter.samples_seen, history.wall_time[-1])
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
     return history
+
+
+def fit_batches(
+    fitter, x, y, batch_size, epochs: int, *, shuffle: bool, progress: bool, desc: str = None
+) -> FitHistory:
+    """:func:`fit_loop` over ``iterate_batches(x, y, batch_size, epochs)``: the ``fit`` of every
+    streaming method on arrays or on a stream of batches (rows of arrays in a new random order
+    at each epoch with ``shuffle``, seeded by ``fitter.seed``)."""
+    return fit_loop(
+        fitter,
+        iterate_batches(x, y, batch_size, epochs, shuffle=shuffle, seed=fitter.seed),
+        total=count_batches(x, y, batch_size, epochs),
+        progress=progress,
+        desc=desc,
+    )

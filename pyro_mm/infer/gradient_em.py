@@ -24,6 +24,7 @@ from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams
 from ..validation import positive_integer, positive_number
 from .em_like import EMLikeInference
+from .fit_loop import fit_batches
 from .history import FitHistory
 
 __all__ = ["GradientEM"]
@@ -141,7 +142,9 @@ class GradientEM(EMLikeInference):
         :returns: the :class:`FitHistory` of this call (also appended to ``self.history``).
         """
         batch_size = self.batch_size if batch_size is None else batch_size
-        return self._fit_stream(x, y, batch_size, epochs, progress, shuffle)
+        return fit_batches(
+            self, x, y, batch_size, epochs, shuffle=shuffle, progress=progress, desc=self.name
+        )
 
     # --------------------------------------------------------------------------- internals
     def _unconstrained(self, params: MoEParams):

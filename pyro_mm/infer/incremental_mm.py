@@ -14,10 +14,10 @@ from ..surrogates.registry import (
     fused_statistics_for,
     gate_surrogate_for,
 )
-from .batches import check_batch, check_model_dtype, iterate_batches
+from .batches import check_batch, check_model_dtype
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
 from .em_like import check_fit_setup, count_floored_variances
-from .fit_loop import count_batches, fit_loop
+from .fit_loop import fit_batches
 from .history import FitHistory
 from .schedules import PowerDecay
 from .state import (
@@ -400,12 +400,7 @@ class IncrementalMM:
         """
         if y is not None and batch_size is None:
             batch_size = 256
-        return fit_loop(
-            self,
-            iterate_batches(x, y, batch_size, epochs, shuffle=shuffle, seed=self.seed),
-            total=count_batches(x, y, batch_size, epochs),
-            progress=progress,
-        )
+        return fit_batches(self, x, y, batch_size, epochs, shuffle=shuffle, progress=progress)
 
     # --------------------------------------------------------------------------- internals
     @property

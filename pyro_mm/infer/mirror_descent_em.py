@@ -54,6 +54,7 @@ from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_map
 from ..validation import positive_integer
 from .em_like import EMLikeInference, gate_solver_options
+from .fit_loop import fit_batches
 from .history import FitHistory
 from .schedules import ConstantStep
 
@@ -201,4 +202,6 @@ class MirrorDescentEM(EMLikeInference):
         :returns: the :class:`FitHistory` of this call (also appended to ``self.history``).
         """
         batch_size = self.batch_size if batch_size is None else batch_size
-        return self._fit_stream(x, y, batch_size, epochs, progress, shuffle)
+        return fit_batches(
+            self, x, y, batch_size, epochs, shuffle=shuffle, progress=progress, desc=self.name
+        )

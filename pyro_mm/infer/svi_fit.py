@@ -23,8 +23,8 @@ from torch.distributions import biject_to
 
 from ..init import check_init, initial_params
 from ..models.base import MixtureOfExperts
-from .batches import check_batch, iterate_batches
-from .fit_loop import count_batches, fit_loop
+from .batches import check_batch
+from .fit_loop import fit_batches
 from .history import FitHistory
 from .state import check_finite_state, check_matching_options, qualified_name
 
@@ -330,12 +330,9 @@ class SVIFit:
         """
         if y is not None and batch_size is None:
             batch_size = 256
-        batches = iterate_batches(x, y, batch_size, epochs, shuffle=shuffle, seed=self.seed)
         self._fit_num_data = len(x) if y is not None else None
         try:
-            return fit_loop(
-                self, batches, total=count_batches(x, y, batch_size, epochs), progress=progress
-            )
+            return fit_batches(self, x, y, batch_size, epochs, shuffle=shuffle, progress=progress)
         finally:
             self._fit_num_data = None
 
