@@ -11,6 +11,7 @@ import torch
 
 from .metrics_voronoi import voronoi_loss
 from .models.params import MoEParams, tree_leaves, tree_map
+from .validation import as_tensor
 
 __all__ = [
     "mse",
@@ -27,8 +28,8 @@ __all__ = [
 
 
 def _pair(prediction, target):
-    prediction = torch.as_tensor(prediction, dtype=torch.float64)
-    target = torch.as_tensor(target, dtype=torch.float64)
+    prediction = as_tensor("prediction", prediction, allow_integer=True).double()
+    target = as_tensor("target", target, allow_integer=True).double()
     if prediction.shape != target.shape:
         raise ValueError(
             f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape"
@@ -166,13 +167,19 @@ def classification_errors(probs, labels) -> dict:
     """``{"accuracy", "log_loss"}`` of class probabilities ``probs`` ``(N, M)`` against integer
     ``labels`` ``(N,)``: the share of rows whose most probable class is the label, and the mean
     ``-log probs[n, labels[n]]``."""
-    probs = torch.as_tensor(probs, dtype=torch.float64)
-    labels = torch.as_tensor(labels, dtype=torch.int64)
+    probs = as_tensor("probs", probs, torch.float64)
+    labels = as_tensor("labels", labels, allow_integer=True)
     if probs.dim() != 2 or labels.shape != probs.shape[:1]:
         raise ValueError(
             f"probs must be (N, M) and labels (N,), got {tuple(probs.shape)} and "
             f"{tuple(labels.shape)}"
         )
+    if labels.is_floating_point():  # whole numbers read as floats (from a CSV, say)
+        if not torch.equal(labels, labels.round()):
+            raise ValueError("labels must be whole numbers (class indices)")
+        labels = labels.long()
+    if labels.numel() and not 0 <= labels.min() <= labels.max() < probs.shape[1]:
+        raise ValueError(f"labels must lie in {{0, ..., {probs.shape[1] - 1}}}")
     label_probs = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return {
         "accuracy": (probs.argmax(-1) == labels).double().mean().item(),

@@ -32,7 +32,11 @@ def as_tensor(
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise TypeError(f"{name} must be numeric, got a NumPy array of dtype {value.dtype}")
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        # A tensor must not alias read-only memory (pandas >= 3 hands out read-only views;
+        # torch warns of undefined behaviour): such an array is copied.
+        writable = value.flags.writeable
+        value = np.ascontiguousarray(value) if writable else np.array(value, order="C")
+        value = torch.from_numpy(value)
     elif not isinstance(value, torch.Tensor):
         try:
             value = torch.as_tensor(value)

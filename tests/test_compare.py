@@ -243,6 +243,30 @@ def test_classification_errors_checks_shapes_and_counts_argmax_hits():
     assert errors["log_loss"] == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="probs must be"):
         classification_errors(probs, torch.tensor([0, 1]))
+    # Labels read as floats count when whole; others, and labels out of range, are refused
+    # (they were truncated, or failed inside gather with an index error).
+    assert classification_errors(probs, [0.0, 2.0, 1.0]) == errors
+    with pytest.raises(ValueError, match="whole numbers"):
+        classification_errors(probs, [0.0, 2.5, 1.0])
+    with pytest.raises(ValueError, match=r"lie in \{0, ..., 2\}"):
+        classification_errors(probs, [0, 3, 1])
+
+
+def test_metrics_take_pandas_objects():
+    # A DataFrame target made torch.as_tensor fail with "expected sequence of length"; the
+    # metrics now read every array-like as the models do.
+    pd = pytest.importorskip("pandas")
+    from pyro_mm.metrics import classification_errors, regression_errors
+
+    prediction, target = torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0], [4.0]])
+    expected = regression_errors(prediction, target)
+    assert regression_errors(prediction, pd.DataFrame(target.numpy())) == expected
+    assert regression_errors(pd.Series([1.0, 3.0]), pd.Series([2, 4])) == expected
+    probs = torch.tensor([[0.7, 0.3], [0.2, 0.8]])
+    assert classification_errors(pd.DataFrame(probs.numpy()), pd.Series([0, 0])) == {
+        "accuracy": 0.5,
+        "log_loss": classification_errors(probs, torch.tensor([0, 0]))["log_loss"],
+    }
 
 
 def test_bad_inputs_are_refused_before_the_first_fit(tiny):

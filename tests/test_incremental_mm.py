@@ -232,6 +232,21 @@ def test_shuffled_batches_cover_every_row_once_per_epoch_in_a_seeded_order():
         list(iterate_batches(x, y, 4, shuffle="yes"))
 
 
+@pytest.mark.parametrize("options", [{"batch_size": 0}, {"batch_size": 2.5}, {"epochs": 0}])
+def test_fit_refuses_a_bad_batch_size_or_epoch_count_before_any_step(options):
+    # fit counts its batches for the progress bar before it takes one: batch_size=0 was a
+    # ZeroDivisionError there, not the ValueError that names the argument.
+    from pyro_mm.infer import FiniteSumMM, MirrorDescentEM, SVIFit
+
+    x, y = sample_gaussian_moe(gaussian_moe_truth(2, 2, seed=1), 64, seed=2)
+    name = next(iter(options))
+    for algorithm in (IncrementalMM, FiniteSumMM, MirrorDescentEM, SVIFit):
+        fitter = algorithm(GaussianMoE(2, 2))
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            fitter.fit(x, y, progress=False, **options)
+        assert fitter.samples_seen == 0 and len(fitter.history.loss) == 0
+
+
 def test_shuffle_undoes_the_bias_of_sorted_rows():
     # One pass over rows sorted by the output is a biased stream (NLL 2.82 instead of 0.96):
     # shuffle=True takes them in a random order.

@@ -1,5 +1,7 @@
 """Bad input raises a clear error before any state changes."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,27 @@ def test_numpy_and_list_input_is_accepted():
     infer = IncrementalMM(GaussianMoE(2, 3))
     loss = infer.step(x.numpy(), y.squeeze(-1).tolist())
     assert np.isfinite(loss)
+
+
+def test_read_only_arrays_such_as_pandas_columns_are_copied_not_aliased():
+    # pandas >= 3 hands out read-only views (DataFrame.to_numpy()); a tensor over them made
+    # torch warn of undefined behaviour at every user's first fit on a DataFrame.
+    pd = pytest.importorskip("pandas")
+    from pyro_mm.validation import as_tensor
+
+    truth = gaussian_moe_truth(2, 3, seed=0)
+    x, y = sample_gaussian_moe(truth, 300, seed=1)
+    read_only = x.numpy().copy()
+    read_only.flags.writeable = False
+    tensor = as_tensor("x", read_only)
+    assert torch.equal(tensor, x) and not np.shares_memory(tensor.numpy(), read_only)
+    writable = x.numpy()
+    assert np.shares_memory(as_tensor("x", writable).numpy(), writable)  # no needless copy
+    frame, series = pd.DataFrame(x.numpy()), pd.Series(y[:, 0].numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loss = IncrementalMM(GaussianMoE(2, 3)).step(frame, series)
+    assert loss == IncrementalMM(GaussianMoE(2, 3)).step(x, y)
 
 
 @pytest.mark.parametrize("method", ["IncrementalMM", "EM", "SVIFit"])

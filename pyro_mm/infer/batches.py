@@ -4,7 +4,7 @@ from typing import Iterable, Iterator, Tuple
 
 import torch
 
-from ..validation import as_tensor
+from ..validation import as_tensor, positive_integer
 
 __all__ = ["check_batch", "check_model_dtype", "iterate_batches"]
 
@@ -19,7 +19,7 @@ def iterate_batches(
     seed: int = 0,
     same_order_each_epoch: bool = False,
 ) -> Iterator[Tuple]:
-    """Yields ``(x_batch, y_batch)`` pairs.
+    """An iterator of ``(x_batch, y_batch)`` pairs.
 
     :param x: a tensor/array of inputs, or (when ``y`` is ``None``) any iterable of
         ``(x, y)`` batches; a re-iterable one (a list, a ``DataLoader``) is replayed each epoch.
@@ -35,8 +35,9 @@ def iterate_batches(
     :param bool same_order_each_epoch: draw one order and keep it (the fixed batches of
         :class:`~pyro_mm.infer.FiniteSumMM`).
     """
-    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    # Arguments are checked here, at the call, not at the first batch (a generator's body runs
+    # only then): ``fit`` counts the batches for its progress bar before it draws one.
+    epochs = positive_integer("epochs", epochs)
     if not isinstance(shuffle, bool):
         raise TypeError(f"shuffle must be True or False, got {shuffle!r}")
     if y is None:
@@ -53,24 +54,30 @@ def iterate_batches(
             raise ValueError(
                 "epochs > 1 needs a re-iterable stream (a list or DataLoader), not an iterator"
             )
-        for _ in range(int(epochs)):
-            yield from _pairs(x)
-        return
+        return _stream_batches(x, epochs)
     x_all = x if isinstance(x, torch.Tensor) else as_tensor("x", x)
     y_all = y if isinstance(y, torch.Tensor) else as_tensor("y", y, allow_integer=True)
     if len(x_all) != len(y_all):
         raise ValueError(f"x has {len(x_all)} rows but y has {len(y_all)}")
+    batch_size = len(x_all) if batch_size is None else positive_integer("batch_size", batch_size)
+    return _array_batches(x_all, y_all, batch_size, epochs, shuffle, seed, same_order_each_epoch)
+
+
+def _stream_batches(stream: Iterable, epochs: int) -> Iterator[Tuple]:
+    for _ in range(epochs):
+        yield from _pairs(stream)
+
+
+def _array_batches(
+    x_all, y_all, batch_size: int, epochs: int, shuffle: bool, seed, same_order_each_epoch: bool
+) -> Iterator[Tuple]:
     num_rows = len(x_all)
-    if batch_size is None:
-        batch_size = num_rows
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
     order = None
-    for _ in range(int(epochs)):
+    for _ in range(epochs):
         if shuffle and (order is None or not same_order_each_epoch):
             order = torch.randperm(num_rows, generator=generator)
-        for start in range(0, num_rows, int(batch_size)):
+        for start in range(0, num_rows, batch_size):
             if order is None:
                 yield x_all[start : start + batch_size], y_all[start : start + batch_size]
             else:

@@ -21,6 +21,7 @@ from ..init import kmeans_init
 from ..metrics import evaluate_fit, mean_nll
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_map
+from ..validation import as_tensor
 from .history import FitHistory
 
 __all__ = [
@@ -229,8 +230,8 @@ def tune_learning_rate(
         raise ValueError(f"method {method.name!r} has no learning-rate grid")
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction!r}")
-    x = torch.as_tensor(x)
-    y = torch.as_tensor(y)
+    x = as_tensor("x", x)
+    y = as_tensor("y", y, allow_integer=True)
     fit_rows, valid_rows = validation_split(len(x), validation_fraction, seed)
     scores, failures = [], {}
     for learning_rate in method.learning_rates:

@@ -29,13 +29,11 @@ not at hand, only their statistics.) The batch's samples are counted once; the e
 repetitions cost compute, not samples.
 """
 
-import math
-
 import torch
 
 from ..models.params import tree_map
 from .batches import iterate_batches
-from .fit_loop import fit_loop
+from .fit_loop import count_batches, fit_loop
 from .incremental_mm import IncrementalMM
 from .state import load_tree_state, tree_state
 
@@ -131,19 +129,13 @@ class FiniteSumMM(IncrementalMM):
         if y is None:
             raise ValueError("FiniteSumMM.fit needs the data set as arrays fit(x, y)")
         batch_size = 256 if batch_size is None else batch_size
-        num_batches = math.ceil(len(x) / batch_size) if batch_size >= 1 else 0
-        keyed = _KeyedSteps(self, num_batches)
+        batches = iterate_batches(
+            x, y, batch_size, epochs, shuffle=shuffle, seed=self.seed, same_order_each_epoch=True
+        )
+        num_batches = count_batches(x, y, batch_size, 1)
         return fit_loop(
-            keyed,
-            iterate_batches(
-                x,
-                y,
-                batch_size,
-                epochs,
-                shuffle=shuffle,
-                seed=self.seed,
-                same_order_each_epoch=True,
-            ),
+            _KeyedSteps(self, num_batches),
+            batches,
             total=num_batches * int(epochs),
             progress=progress,
             desc=type(self).__name__,

@@ -12,7 +12,8 @@ __all__ = ["fit_batches", "fit_loop", "count_batches"]
 
 def count_batches(x, y, batch_size: int, epochs: int) -> Optional[int]:
     """Number of steps ``fit`` will take on arrays (``None`` for a stream of batches);
-    ``batch_size=None`` means one batch of all rows per epoch."""
+    ``batch_size=None`` means one batch of all rows per epoch. The arguments are those that
+    :func:`~pyro_mm.infer.batches.iterate_batches` accepted."""
     if y is None:
         return None
     if batch_size is None:
@@ -54,9 +55,10 @@ def fit_batches(
     """:func:`fit_loop` over ``iterate_batches(x, y, batch_size, epochs)``: the ``fit`` of every
     streaming method on arrays or on a stream of batches (rows of arrays in a new random order
     at each epoch with ``shuffle``, seeded by ``fitter.seed``)."""
+    batches = iterate_batches(x, y, batch_size, epochs, shuffle=shuffle, seed=fitter.seed)
     return fit_loop(
         fitter,
-        iterate_batches(x, y, batch_size, epochs, shuffle=shuffle, seed=fitter.seed),
+        batches,  # made first: it checks batch_size and epochs, which count_batches trusts
         total=count_batches(x, y, batch_size, epochs),
         progress=progress,
         desc=desc,
