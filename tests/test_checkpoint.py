@@ -140,6 +140,38 @@ def test_loading_into_a_differently_built_object_fails_before_any_change():
     assert wider.params is None
 
 
+def test_a_state_without_centring_goes_on_in_the_models_coordinates():
+    """States saved before the iteration centred its regressors have no ``centring`` entry:
+    they load, and the fit goes on in the model's own coordinates exactly as the uncentred
+    iteration does; a centred state keeps its centre (the same steps, bit for bit)."""
+    batches = _batches(6)
+    uncentred = _make(centre_regressors=False)
+    for x, y in batches[:3]:
+        uncentred.step(x, y)
+    old_state = uncentred.state_dict()
+    assert old_state["centring"] is None
+    del old_state["centring"]
+    resumed = _make()  # centred by default, but the state decides the coordinates
+    resumed.load_state_dict(old_state)
+    assert resumed.centring is None
+    for x, y in batches[3:]:
+        uncentred.step(x, y)
+        resumed.step(x, y)
+    assert_trees_identical(tree_state(resumed.params), tree_state(uncentred.params))
+
+    centred = _make()
+    for x, y in batches[:3]:
+        centred.step(x, y)
+    state = centred.state_dict()
+    assert torch.equal(state["centring"]["experts"], centred.centring.experts)
+    again = _make(centre_regressors=False)
+    again.load_state_dict(state)
+    for x, y in batches[3:]:
+        centred.step(x, y)
+        again.step(x, y)
+    assert_trees_identical(tree_state(again.params), tree_state(centred.params))
+
+
 def test_a_function_schedule_is_not_stored_and_the_constructors_is_kept():
     def schedule(n):
         return 0.5

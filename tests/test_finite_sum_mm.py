@@ -1,5 +1,6 @@
 """FiniteSumMM: incremental MM whose mini-batches' statistics are kept and replaced (MISO)."""
 
+import functools
 import io
 
 import pytest
@@ -73,10 +74,16 @@ def _penalty(fs: FiniteSumMM, params: MoEParams) -> torch.Tensor:
 def _assert_surrogate_majorises(fs, model, x, y, anchors, losses) -> float:
     """The full-data MISO surrogate ``G_n(theta) = sum_b w_b [f_b(theta_b) + V(theta; S_b) -
     V(theta_b; S_b) + pen(theta_b)]`` at the iterate, from the batches' anchors ``theta_b``
-    and their losses ``f_b(theta_b)``; asserts it is above the penalised objective there."""
-    theta, value = fs.params, 0.0
+    and their losses ``f_b(theta_b)``; asserts it is above the penalised objective there.
+
+    All in the centred coordinates the iteration runs in (``fs.centring``): its statistics are
+    of the centred regressors, and its penalty (the bound's ``eps`` term included) is on the
+    coefficients of those."""
+    centred = functools.partial(fs.centring.centred_params, model=model)
+    theta, value = centred(fs.params), 0.0
     for b, (stats, rows) in fs.batch_statistics.items():
-        constant = losses[b] + _penalty(fs, anchors[b]) - _surrogate_values(fs, anchors[b], stats)
+        anchor = centred(anchors[b])
+        constant = losses[b] + _penalty(fs, anchor) - _surrogate_values(fs, anchor, stats)
         value = value + rows / len(x) * (constant + _surrogate_values(fs, theta, stats))
     nll = -model.log_prob(x, y).mean()
     assert nll + _penalty(fs, theta) <= value + 1e-10

@@ -117,6 +117,7 @@ def test_batch_of_one_equals_a_transcription_of_algorithm_2():
         ridge=0.0,
         variance_floor=1e-300,
         init="current",
+        centre_regressors=False,  # the paper's coordinates (centred: see the next test)
     )
     infer.initialize(x[:20], y[:20])
     for n in range(20, 60):
@@ -125,6 +126,39 @@ def test_batch_of_one_equals_a_transcription_of_algorithm_2():
         assert torch.allclose(infer.params.gate, gate, atol=1e-10, rtol=0)
         assert torch.allclose(infer.params.experts.weight, weight, atol=1e-10, rtol=0)
         assert torch.allclose(infer.params.experts.variance, variance, atol=1e-10, rtol=0)
+
+
+def test_the_centred_iteration_is_algorithm_2_in_other_coordinates():
+    """Centring the regressors (the default) changes coordinates, not the algorithm: with
+    ``gate_eps = 0`` (the bound's ``eps I`` is the one term that is not equivariant) and data
+    far from zero, the model's parameters after every step are the transcription's, and the
+    iteration really ran centred (its Gram matrix is the centred one)."""
+    truth = gaussian_moe_truth(3, 2, 2, seed=0)
+    x, y = sample_gaussian_moe(truth, 150, seed=1)
+    x = x + 5.0
+    theta0 = MoEParams(
+        gate=truth.gate.clone(),
+        experts=GaussianExpertParams(truth.experts.weight.clone(), truth.experts.variance * 1.5),
+    )
+    schedule = PowerDecay(gamma0=0.9, alpha=0.6)
+    expected = _algorithm2_transcription(theta0, x[:50], y[:50], zip(x[50:], y[50:]), schedule, 0)
+    model = GaussianMoE(3, 2, 2).double()
+    model.set_params(theta0)
+    options = dict(schedule=schedule, gate_bound="paper", gate_eps=0.0, ridge=0.0)
+    infer = IncrementalMM(model, variance_floor=1e-300, init="current", **options)
+    infer.initialize(x[:50], y[:50])
+    features = torch.cat([torch.ones(50, 1, dtype=torch.float64), x[:50]], -1)
+    assert torch.allclose(infer.centring.gate[1:], x[:50].mean(0), atol=1e-14)
+    centred = features - infer.centring.gate
+    assert torch.allclose(infer.statistics.gate.gram, centred.T @ centred / 50, atol=1e-12)
+    # Measured: at most 5e-12 (gate), 4e-10 (weights), 1e-13 (variances) apart.
+    for n in range(50, 150):
+        infer.step(x[n : n + 1], y[n : n + 1])
+        gate, weight, variance = expected[n - 50]
+        assert torch.allclose(infer.params.gate, gate, atol=1e-8, rtol=0)
+        assert torch.allclose(infer.params.experts.weight, weight, atol=1e-8, rtol=0)
+        assert torch.allclose(infer.params.experts.variance, variance, atol=1e-8, rtol=0)
+        assert torch.allclose(model.get_params().gate, gate, atol=1e-8, rtol=0)
 
 
 def test_streaming_fit_recovers_the_true_parameters():

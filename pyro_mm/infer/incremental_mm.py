@@ -15,6 +15,7 @@ from ..surrogates.registry import (
     gate_surrogate_for,
 )
 from .batches import check_batch, check_model_dtype
+from .centring import FeatureCentring, feature_centring
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
 from .em_like import check_fit_setup, count_floored_variances
 from .fit_loop import fit_batches
@@ -122,6 +123,10 @@ class IncrementalMM:
     :param stability: a :class:`~pyro_mm.infer.stability.StatisticsTruncation` keeping the
         running statistics in expanding compact sets (truncations counted in
         ``regularisation["truncations"]``); ``None``: no truncation.
+    :param bool centre_regressors: run the iteration on the regressors centred on the first
+        batch's means, the intercept absorbing the shift (see :mod:`~pyro_mm.infer.centring`):
+        the same fit in exact arithmetic, without the loss of accuracy that inputs far from
+        zero cause. ``False`` runs it in the model's own coordinates, as the paper writes it.
     """
 
     def __init__(
@@ -144,6 +149,7 @@ class IncrementalMM:
         gate_penalty=None,
         variance_prior=None,
         stability=None,
+        centre_regressors: bool = True,
     ):
         check_fit_setup(
             model,
@@ -159,6 +165,8 @@ class IncrementalMM:
             )
         if not gate_eps >= 0:
             raise ValueError(f"gate_eps must be >= 0, got {gate_eps!r}")
+        if not isinstance(centre_regressors, bool):
+            raise TypeError(f"centre_regressors must be True or False, got {centre_regressors!r}")
         if on_bad_batch not in _BAD_BATCH_POLICIES:
             raise ValueError(
                 f"on_bad_batch must be one of {_BAD_BATCH_POLICIES}, got {on_bad_batch!r}"
@@ -175,6 +183,7 @@ class IncrementalMM:
         self.variance_floor = float(variance_floor)
         self._warned_floor = False
         self.on_bad_batch = on_bad_batch
+        self.centre_regressors = centre_regressors
         self.process_group = resolve_process_group(process_group)
         self.gate_surrogate = gate_surrogate_for(model)
         if gate_penalty is not None and not self.gate_surrogate.supports_penalty:
@@ -194,11 +203,15 @@ class IncrementalMM:
         )
         self.gate_penalty, self.stability, self.stability_state = gate_penalty, stability, None
         self._penalties = repr((penalty, gate_penalty, variance_prior, stability))
-        #: current iterate ``theta_n`` (``None`` before initialisation).
-        self.params: MoEParams = None
-        #: Polyak average of the iterates (``None`` until averaging starts).
-        self.averaged_params: MoEParams = None
-        #: running statistics ``s_n``.
+        #: the iterate ``theta_n`` and the Polyak average, in the centred coordinates the
+        #: iteration runs in (see :attr:`centring`; :attr:`params` and :attr:`averaged_params`
+        #: give them in the model's).
+        self._iterate: MoEParams = None
+        self._average: MoEParams = None
+        #: the means of the regressors that the iteration subtracts (from the first batch; see
+        #: :mod:`~pyro_mm.infer.centring`); ``None`` before initialisation.
+        self.centring: FeatureCentring = None
+        #: running statistics ``s_n`` (of the centred regressors).
         self.statistics = None
         #: number of steps taken.
         self.num_steps = 0
@@ -228,7 +241,7 @@ class IncrementalMM:
         return (
             self._fused_statistics is not None
             and self.process_group is None
-            and self.params is not None
+            and self._iterate is not None
         )
 
     def _checked_batch(self, x, y):
@@ -260,13 +273,13 @@ class IncrementalMM:
         ranks' batches.
         """
         x, y, local_error = self._checked_batch(x, y)
-        params = self._initial_params(x, y, local_error)
-        stats, _, _, _ = self._reduced_statistics(params, x, y, None)
+        params, centring = self._initial_params(x, y, local_error)
+        stats, _, _, _ = self._reduced_statistics(params, x, y, None, centring)
         _check_finite_statistics(stats)
         self._warn_if_ill_conditioned(stats)
-        self.params, self.statistics = params, stats
-        self.averaged_params, self.num_steps = None, 0
-        self.model.set_params(params, validate=False)
+        self._iterate, self.centring, self.statistics = params, centring, stats
+        self._average, self.num_steps = None, 0
+        self.model.set_params(self.estimate, validate=False)
 
     def step(self, x, y) -> float:
         """One incremental MM step on a mini-batch.
@@ -301,11 +314,11 @@ class IncrementalMM:
 
     def _step(self, x, y) -> float:
         x, y, local_error = self._checked_batch(x, y)
-        params = self.params
+        params, centring = self._iterate, self.centring
         if params is None:
-            params = self._initial_params(x, y, local_error)
+            params, centring = self._initial_params(x, y, local_error)
         batch_stats, loss, num_rows, overflow_probe = self._reduced_statistics(
-            params, x, y, local_error
+            params, x, y, local_error, centring
         )
         if self.statistics is None:
             self._warn_if_ill_conditioned(batch_stats)
@@ -336,7 +349,8 @@ class IncrementalMM:
             )
         if stability_state is not None and self.stability_state is not None:
             self.regularisation["truncations"] += stability_state.count - self.stability_state.count
-        self.statistics, self.params, self.stability_state = stats, new_params, stability_state
+        self.statistics, self._iterate, self.stability_state = stats, new_params, stability_state
+        self.centring = centring
         self.num_steps += 1
         self.samples_seen += num_rows
         self.regularisation["empty_expert_steps"] += int(bool(report.empty_experts.any()))
@@ -404,22 +418,46 @@ class IncrementalMM:
 
     # --------------------------------------------------------------------------- internals
     @property
-    def estimate(self) -> MoEParams:
-        """The estimator: the Polyak average once averaging has started, else the iterate."""
-        return self.averaged_params if self.averaged_params is not None else self.params
+    def params(self) -> MoEParams:
+        """The current iterate ``theta_n`` in the model's coordinates (``None`` before
+        initialisation)."""
+        return self._model_params(self._iterate)
 
-    def _batch_statistics(self, params, x, y):
-        """``(statistics, log_lik, overflow_probe)`` of a validated batch at ``params``; the
-        probe (``None`` on the block-by-block path) is a 0-dim tensor finite iff the statistics
-        are (see :func:`~pyro_mm.surrogates.gaussian_mixture.gaussian_mixture_statistics`)."""
+    @property
+    def averaged_params(self) -> MoEParams:
+        """The Polyak average of the iterates in the model's coordinates (``None`` until
+        averaging starts)."""
+        return self._model_params(self._average)
+
+    @property
+    def estimate(self) -> MoEParams:
+        """The estimator, in the model's coordinates: the Polyak average once averaging has
+        started, else the iterate."""
+        return self._model_params(self._average if self._average is not None else self._iterate)
+
+    def _model_params(self, params):
+        if params is None or self.centring is None:
+            return params
+        return self.centring.model_params(params, self.model)
+
+    def _batch_statistics(self, params, x, y, centring):
+        """``(statistics, log_lik, overflow_probe)`` of a validated batch at ``params`` (both in
+        the coordinates of ``centring``); the probe (``None`` on the block-by-block path) is a
+        0-dim tensor finite iff the statistics are (see
+        :func:`~pyro_mm.surrogates.gaussian_mixture.gaussian_mixture_statistics`)."""
         if self._fused_statistics is not None:
             # Inference mode skips autograd's bookkeeping on each of the E-step's ~60
             # operations. Its outputs are inference tensors, but only the batch's: the running
             # statistics and the parameters are computed from them outside it (normal tensors).
             with torch.inference_mode():
                 design = self.model.regressors_and_outputs(x, y)
+                if centring is not None:
+                    # In place: the design is this step's own copy (a concatenation).
+                    design = centring.centre_design_(design)
                 return self._fused_statistics(params, design, self.curvature, self.gate_eps)
         u, r = self.model.features(x)
+        if centring is not None:
+            u, r = centring.features(u, r)
         stats, log_lik = mixture_statistics(
             self.expert_surrogate,
             params,
@@ -458,8 +496,10 @@ class IncrementalMM:
 
         return dist.get_rank(self.process_group) == 0
 
-    def _initial_params(self, x, y, local_error) -> MoEParams:
-        """``theta_0`` per ``init`` from the first rank's batch, on every rank."""
+    def _initial_params(self, x, y, local_error):
+        """``(theta_0, centring)`` on every rank: ``theta_0`` per ``init`` from the first rank's
+        batch, in the coordinates of the regressors centred on their means over all ranks'
+        batches (``centring`` is ``None`` with ``centre_regressors=False``)."""
         params, error = None, local_error
         if error is None and self._is_first_rank:
             try:
@@ -470,14 +510,20 @@ class IncrementalMM:
         if self.process_group is not None:
             template = tree_to(self.model.get_params(), self.dtype) if params is None else params
             params = broadcast_tree(self.process_group, template)
-        return params
+        if not self.centre_regressors:
+            return params, None
+        # The means of the concatenated batches: a single process fed them centres the same.
+        centring = all_reduce_batch(
+            self.process_group, feature_centring(self.model, x), None, 0.0, x.shape[0]
+        ).statistics
+        return centring.centred_params(params, self.model), centring
 
     def _initial_params_from(self, x, y) -> MoEParams:
         return initial_params(
             self.model, x, y, self.init, seed=self.seed, expert_surrogate=self.expert_surrogate
         )
 
-    def _reduced_statistics(self, params, x, y, local_error):
+    def _reduced_statistics(self, params, x, y, local_error, centring):
         """The batch statistics at ``params``, its mean NLL, row count and overflow probe (see
         :meth:`_batch_statistics`), over all ranks.
 
@@ -486,7 +532,7 @@ class IncrementalMM:
         """
         batch_stats, log_lik, log_lik_sum, num_rows, probe = None, None, 0.0, 0, None
         if local_error is None:
-            batch_stats, log_lik, probe = self._batch_statistics(params, x, y)
+            batch_stats, log_lik, probe = self._batch_statistics(params, x, y, centring)
             log_lik_sum, num_rows = log_lik.sum(), x.shape[0]
         reduced = all_reduce_batch(
             self.process_group, batch_stats, self.statistics, log_lik_sum, num_rows
@@ -534,8 +580,9 @@ class IncrementalMM:
             "options": self._options(),
             "schedule": schedule_state(self.schedule),
             "polyak_start": self.polyak_start,
-            "params": tree_state(self.params),
-            "averaged_params": tree_state(self.averaged_params),
+            "params": tree_state(self._iterate),
+            "averaged_params": tree_state(self._average),
+            "centring": tree_state(self.centring),
             "statistics": tree_state(self.statistics),
             "num_steps": self.num_steps,
             "samples_seen": self.samples_seen,
@@ -564,6 +611,11 @@ class IncrementalMM:
         check_tree_shapes("params", params, expected if params is not None else None)
         if averaged is not None:
             check_tree_shapes("averaged_params", averaged, expected)
+        # A state saved before the iteration centred its regressors has no centring: its
+        # parameters and statistics are in the model's coordinates, and go on in them.
+        centring = load_tree_state(state.get("centring"))
+        if centring is not None:
+            check_tree_shapes("centring", centring, _zero_centring(self.model, self.dtype))
         if stats is not None:
             solved, _ = solve_mixture(
                 stats,
@@ -577,7 +629,8 @@ class IncrementalMM:
         schedule = load_schedule_state(self.schedule, state["schedule"])
         history = FitHistory(**state["history"])
         self.schedule, self.polyak_start = schedule, state["polyak_start"]
-        self.params, self.averaged_params, self.statistics = params, averaged, stats
+        self._iterate, self._average, self.statistics = params, averaged, stats
+        self.centring = centring
         self.num_steps, self.samples_seen = int(state["num_steps"]), int(state["samples_seen"])
         self.regularisation = dict(state["regularisation"])
         self.history = history
@@ -589,11 +642,11 @@ class IncrementalMM:
         if self.polyak_start is None or self.num_steps < self.polyak_start:
             return
         count = self.num_steps - self.polyak_start + 1
-        if self.averaged_params is None:
-            self.averaged_params = tree_map(torch.clone, self.params)
+        if self._average is None:
+            self._average = tree_map(torch.clone, self._iterate)
         else:
-            self.averaged_params = tree_map(
-                lambda avg, new: avg + (new - avg) / count, self.averaged_params, self.params
+            self._average = tree_map(
+                lambda avg, new: avg + (new - avg) / count, self._average, self._iterate
             )
 
 
@@ -614,3 +667,11 @@ def _all_finite(tensors) -> bool:
     if math.isfinite(sum(t.sum().item() for t in tensors)):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _zero_centring(model, dtype: torch.dtype) -> FeatureCentring:
+    """A centring of the model's regressors' shapes (a template to receive a broadcast)."""
+    return FeatureCentring(
+        gate=torch.zeros(model.gate_features.num_features, dtype=dtype),
+        experts=torch.zeros(model.expert_features.num_features, dtype=dtype),
+    )

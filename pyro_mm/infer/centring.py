@@ -1,0 +1,109 @@
+r"""Centred regressors for the incremental MM iteration.
+
+Incremental MM carries running averages of the regressors' weighted second moments
+(``avg tau_k r r^T``, the gate's ``avg u u^T``) and of their products with past iterates, and
+solves linear systems in them at every step. An input far from zero relative to its spread (a
+year, a temperature in kelvin, a timestamp) makes these matrices ill-conditioned, and the
+recursion then loses accuracy that the batch methods, which re-evaluate everything at each
+iteration, do not. One pass over 20,000 rows of a 2-expert model (batch 256) ended 5e-4 nats
+per sample worse at ``x + 100``, 5e-3 at ``x + 300`` and 0.05 at ``x + 1000`` than on the same
+rows centred (condition numbers of the gate's Gram matrix 4e8, 3e10 and 4e12; the
+ill-conditioning warning starts at 4.5e13), while EM lost nothing.
+
+The iteration is equivariant under a change of regressors ``r -> r - m`` that leaves the column
+of ones alone (``m`` zero there): the coefficients ``w`` of ``r`` become ``w'`` of ``r - m`` with
+``w'_0 = w_0 + w . m`` (the intercept absorbs the shift; logits and means are unchanged), and
+every statistic and solve transforms accordingly. So the fitting classes run on the regressors
+centred on the first batch's means and carry their iterate in those coordinates; the model
+always holds its own coordinates. In exact arithmetic the fit is the same: the experts' ridge
+and :class:`~pyro_mm.surrogates.penalties.CoefficientPenalty` leave the intercept alone, and
+the gate bound's ``eps * I`` term is a curvature term of the majoriser, not of the objective
+(the multinomial experts' ridge, ``1e-8`` relative by default, penalises their intercepts too,
+so there the penalised objective moves by that much). A feature map without a column of ones
+(a :class:`~pyro_mm.models.features.CallableFeatures` without ``intercept_column``) is not
+centred: nothing could absorb the shift.
+"""
+
+import dataclasses
+
+import torch
+
+from ..models.params import MoEParams, tree_map
+
+__all__ = ["FeatureCentring", "feature_centring"]
+
+
+@dataclasses.dataclass
+class FeatureCentring:
+    """Means of the gate and expert regressors, zero at their column of ones.
+
+    :ivar torch.Tensor gate: ``(D_g,)``.
+    :ivar torch.Tensor experts: ``(D_e,)``.
+    """
+
+    gate: torch.Tensor
+    experts: torch.Tensor
+
+    def features(self, gate_features: torch.Tensor, expert_features: torch.Tensor) -> tuple:
+        """The centred ``(u(x) - m_u, r(x) - m_r)`` of ``(N, D)`` regressors (computed once when
+        the two are the same tensor)."""
+        centred_gate = gate_features - self.gate
+        if expert_features is gate_features:
+            return centred_gate, centred_gate
+        return centred_gate, expert_features - self.experts
+
+    def centre_design_(self, design: torch.Tensor) -> torch.Tensor:
+        """Centres the regressors of a feature-major ``(D_e + Q, N)`` design ``[r(x), y]^T`` in
+        place (the outputs are left alone) and returns it."""
+        design[: len(self.experts)].sub_(self.experts.unsqueeze(-1))
+        return design
+
+    def centred_params(self, params: MoEParams, model) -> MoEParams:
+        """The model's ``params`` in centred coordinates (``w'_0 = w_0 + w . m``)."""
+        return _moved(params, self, model, 1.0)
+
+    def model_params(self, params: MoEParams, model) -> MoEParams:
+        """Centred ``params`` back in the model's coordinates (``w_0 = w'_0 - w' . m``)."""
+        return _moved(params, self, model, -1.0)
+
+
+def feature_centring(model, x: torch.Tensor) -> FeatureCentring:
+    """The centring of ``model``'s regressors on the column means of a validated batch ``x``."""
+    gate_features, expert_features = model.features(x)
+    return FeatureCentring(
+        gate=_column_means(gate_features, model.gate_features),
+        experts=_column_means(expert_features, model.expert_features),
+    )
+
+
+def _column_means(features: torch.Tensor, feature_map) -> torch.Tensor:
+    means = features.mean(0)
+    column = getattr(feature_map, "intercept_column", None)
+    if column is None:
+        return torch.zeros_like(means)
+    means[column] = 0.0
+    return means
+
+
+def _moved(params: MoEParams, centring: FeatureCentring, model, sign: float) -> MoEParams:
+    gate_column = getattr(model.gate_features, "intercept_column", None)
+    expert_column = getattr(model.expert_features, "intercept_column", None)
+    gate = tree_map(
+        lambda weight: _shift_intercept(weight, centring.gate, gate_column, sign), params.gate
+    )
+    # Every gate leaf is a weight matrix over u; of the experts' leaves only the coefficients
+    # are (variances and covariances do not depend on the regressors).
+    experts = dataclasses.replace(
+        params.experts,
+        weight=_shift_intercept(params.experts.weight, centring.experts, expert_column, sign),
+    )
+    return MoEParams(gate=gate, experts=experts)
+
+
+def _shift_intercept(weight: torch.Tensor, centre: torch.Tensor, column, sign: float):
+    """``weight`` ``(..., D)`` with ``sign * weight . centre`` added to its ``column``."""
+    if column is None:
+        return weight
+    shifted = weight.clone()
+    shifted.select(-1, column).add_(weight @ centre, alpha=sign)
+    return shifted
