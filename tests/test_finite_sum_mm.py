@@ -76,10 +76,15 @@ def _assert_surrogate_majorises(fs, model, x, y, anchors, losses) -> float:
     V(theta_b; S_b) + pen(theta_b)]`` at the iterate, from the batches' anchors ``theta_b``
     and their losses ``f_b(theta_b)``; asserts it is above the penalised objective there.
 
-    All in the centred coordinates the iteration runs in (``fs.centring``): its statistics are
-    of the centred regressors, and its penalty (the bound's ``eps`` term included) is on the
-    coefficients of those."""
-    centred = functools.partial(fs.centring.centred_params, model=model)
+    All in the coordinates the iteration runs in (centred when ``fs.centring`` is set): its
+    statistics are of those regressors, and its penalty (the bound's ``eps`` term included) is
+    on their coefficients."""
+    if fs.centring is None:  # multinomial experts: their ridge covers the intercepts
+
+        def centred(params):
+            return params
+    else:
+        centred = functools.partial(fs.centring.centred_params, model=model)
     theta, value = centred(fs.params), 0.0
     for b, (stats, rows) in fs.batch_statistics.items():
         anchor = centred(anchors[b])

@@ -161,6 +161,40 @@ def test_the_centred_iteration_is_algorithm_2_in_other_coordinates():
         assert torch.allclose(model.get_params().gate, gate, atol=1e-8, rtol=0)
 
 
+def test_regressors_are_centred_where_that_leaves_the_objective_unchanged():
+    """``centre_regressors="auto"`` centres unless a penalty acts on an intercept (centring
+    moves the intercepts) or the statistics are truncated (their sets are in the statistics'
+    coordinates); ``True`` forces it, ``False`` never does."""
+    from pyro_mm import MultinomialMoE
+    from pyro_mm.infer import StatisticsTruncation
+    from pyro_mm.surrogates.penalties import CoefficientPenalty
+
+    x, y = sample_gaussian_moe(gaussian_moe_truth(2, 2, seed=3), 200, seed=4)
+    labels = (y[:, 0] > 0).long()
+    intercept_free = CoefficientPenalty(l1=0.01)  # intercept_column=0, the model's
+    everything = CoefficientPenalty(l1=0.01, intercept_column=None)
+    cases = [
+        (GaussianMoE(2, 2), {}, y, True),
+        (GaussianMoE(2, 2), {"penalty": intercept_free}, y, True),
+        (GaussianMoE(2, 2), {"gate_penalty": intercept_free}, y, True),
+        (GaussianMoE(2, 2), {"penalty": everything}, y, False),
+        (GaussianMoE(2, 2), {"gate_penalty": everything}, y, False),
+        (GaussianMoE(2, 2), {"stability": StatisticsTruncation()}, y, False),
+        (GaussianMoE(2, 2, 2, covariance="full"), {}, torch.cat([y, -y], 1), True),
+        (MultinomialMoE(2, 2, 2), {}, labels, False),  # its ridge covers the intercepts
+        (MultinomialMoE(2, 2, 2), {"centre_regressors": True}, labels, True),
+        (GaussianMoE(2, 2), {"centre_regressors": False}, y, False),
+    ]
+    for model, options, outputs, centred in cases:
+        infer = IncrementalMM(model, **options)
+        infer.step(x, outputs)
+        assert (infer.centring is not None) == centred, (type(model).__name__, options)
+        if centred:
+            assert torch.allclose(infer.centring.gate[1:], x.mean(0), atol=1e-14)
+    with pytest.raises(ValueError, match="centre_regressors must be 'auto', True or False"):
+        IncrementalMM(GaussianMoE(2, 2), centre_regressors="yes")
+
+
 def test_streaming_fit_recovers_the_true_parameters():
     # The MLE on these 10^5 samples has relative errors gate 0.012, weight 0.003, variance 0.007;
     # two passes with the default settings measured gate 0.039, weight 0.006, variance 0.030

@@ -13,15 +13,18 @@ ill-conditioning warning starts at 4.5e13), while EM lost nothing.
 The iteration is equivariant under a change of regressors ``r -> r - m`` that leaves the column
 of ones alone (``m`` zero there): the coefficients ``w`` of ``r`` become ``w'`` of ``r - m`` with
 ``w'_0 = w_0 + w . m`` (the intercept absorbs the shift; logits and means are unchanged), and
-every statistic and solve transforms accordingly. So the fitting classes run on the regressors
-centred on the first batch's means and carry their iterate in those coordinates; the model
-always holds its own coordinates. In exact arithmetic the fit is the same: the experts' ridge
-and :class:`~pyro_mm.surrogates.penalties.CoefficientPenalty` leave the intercept alone, and
-the gate bound's ``eps * I`` term is a curvature term of the majoriser, not of the objective
-(the multinomial experts' ridge, ``1e-8`` relative by default, penalises their intercepts too,
-so there the penalised objective moves by that much). A feature map without a column of ones
-(a :class:`~pyro_mm.models.features.CallableFeatures` without ``intercept_column``) is not
-centred: nothing could absorb the shift.
+every statistic and solve transforms accordingly. So IncrementalMM and FiniteSumMM run on
+the regressors centred on the first batch's means and carry their iterate in those
+coordinates; the model always holds its own coordinates. In exact arithmetic the fit is the
+same where no penalty acts on an intercept: the experts' conjugate ridge and
+:class:`~pyro_mm.surrogates.penalties.CoefficientPenalty` leave it alone by default, and the
+gate bound's ``eps * I`` term is a curvature term of the majoriser, not of the objective (with
+``gate_eps = 0`` the centred iterates are the paper's, ``tests/test_incremental_mm.py``). Where
+a penalty does act on an intercept (the multinomial experts' ridge), centring would move it, so
+:func:`centring_is_exact` says no and ``IncrementalMM(centre_regressors="auto")`` does not
+centre. A feature map without a column of ones (a
+:class:`~pyro_mm.models.features.CallableFeatures` without ``intercept_column``) is not centred:
+nothing could absorb the shift.
 """
 
 import dataclasses
@@ -30,7 +33,7 @@ import torch
 
 from ..models.params import MoEParams, tree_map
 
-__all__ = ["FeatureCentring", "feature_centring"]
+__all__ = ["FeatureCentring", "centring_is_exact", "feature_centring"]
 
 
 @dataclasses.dataclass
@@ -74,6 +77,31 @@ def feature_centring(model, x: torch.Tensor) -> FeatureCentring:
         gate=_column_means(gate_features, model.gate_features),
         experts=_column_means(expert_features, model.expert_features),
     )
+
+
+def centring_is_exact(model, expert_surrogate, gate_penalty=None, stability=None) -> bool:
+    """Whether the centred iteration has the model's own objective and iteration.
+
+    Not when a penalty acts on an intercept (the multinomial experts' ridge, a
+    :class:`~pyro_mm.surrogates.penalties.CoefficientPenalty` whose ``intercept_column`` is not
+    the regressors' column of ones): centring moves the intercepts, so the penalty would change.
+    Nor with a :class:`~pyro_mm.infer.stability.StatisticsTruncation`, whose compact sets are
+    sets of statistics, which centring changes.
+    """
+    if stability is not None:
+        return False
+    gate_column = getattr(model.gate_features, "intercept_column", None)
+    expert_column = getattr(model.expert_features, "intercept_column", None)
+    gate_penalised = (
+        gate_column is not None
+        and gate_penalty is not None
+        and gate_penalty.active
+        and gate_penalty.intercept_column != gate_column
+    )
+    experts_penalised = expert_column is not None and expert_surrogate.penalises_column(
+        expert_column
+    )
+    return not (gate_penalised or experts_penalised)
 
 
 def _column_means(features: torch.Tensor, feature_map) -> torch.Tensor:

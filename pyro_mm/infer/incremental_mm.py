@@ -15,7 +15,7 @@ from ..surrogates.registry import (
     gate_surrogate_for,
 )
 from .batches import check_batch, check_model_dtype
-from .centring import FeatureCentring, feature_centring
+from .centring import FeatureCentring, centring_is_exact, feature_centring
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
 from .em_like import check_fit_setup, count_floored_variances
 from .fit_loop import fit_batches
@@ -123,10 +123,14 @@ class IncrementalMM:
     :param stability: a :class:`~pyro_mm.infer.stability.StatisticsTruncation` keeping the
         running statistics in expanding compact sets (truncations counted in
         ``regularisation["truncations"]``); ``None``: no truncation.
-    :param bool centre_regressors: run the iteration on the regressors centred on the first
-        batch's means, the intercept absorbing the shift (see :mod:`~pyro_mm.infer.centring`):
-        the same fit in exact arithmetic, without the loss of accuracy that inputs far from
-        zero cause. ``False`` runs it in the model's own coordinates, as the paper writes it.
+    :param centre_regressors: ``True``: run the iteration on the regressors centred on the
+        first batch's means, the intercept absorbing the shift (see
+        :mod:`~pyro_mm.infer.centring`): the same fit in exact arithmetic, without the loss of
+        accuracy that inputs far from zero cause. ``False``: in the model's own coordinates, as
+        the paper writes it. ``"auto"`` (default): centred where that leaves the objective
+        unchanged (:func:`~pyro_mm.infer.centring.centring_is_exact`: no penalty on an
+        intercept, no statistics truncation), so not for multinomial experts, whose ridge
+        covers their intercepts (``True`` then moves that ridge onto the centred intercepts).
     """
 
     def __init__(
@@ -149,7 +153,7 @@ class IncrementalMM:
         gate_penalty=None,
         variance_prior=None,
         stability=None,
-        centre_regressors: bool = True,
+        centre_regressors="auto",
     ):
         check_fit_setup(
             model,
@@ -165,8 +169,10 @@ class IncrementalMM:
             )
         if not gate_eps >= 0:
             raise ValueError(f"gate_eps must be >= 0, got {gate_eps!r}")
-        if not isinstance(centre_regressors, bool):
-            raise TypeError(f"centre_regressors must be True or False, got {centre_regressors!r}")
+        if not (isinstance(centre_regressors, bool) or centre_regressors == "auto"):
+            raise ValueError(
+                f"centre_regressors must be 'auto', True or False, got {centre_regressors!r}"
+            )
         if on_bad_batch not in _BAD_BATCH_POLICIES:
             raise ValueError(
                 f"on_bad_batch must be one of {_BAD_BATCH_POLICIES}, got {on_bad_batch!r}"
@@ -202,6 +208,10 @@ class IncrementalMM:
             model, self.expert_surrogate, self.gate_surrogate
         )
         self.gate_penalty, self.stability, self.stability_state = gate_penalty, stability, None
+        self._centres = centre_regressors is True or (
+            centre_regressors == "auto"
+            and centring_is_exact(model, self.expert_surrogate, gate_penalty, stability)
+        )
         self._penalties = repr((penalty, gate_penalty, variance_prior, stability))
         #: the iterate ``theta_n`` and the Polyak average, in the centred coordinates the
         #: iteration runs in (see :attr:`centring`; :attr:`params` and :attr:`averaged_params`
@@ -499,7 +509,7 @@ class IncrementalMM:
     def _initial_params(self, x, y, local_error):
         """``(theta_0, centring)`` on every rank: ``theta_0`` per ``init`` from the first rank's
         batch, in the coordinates of the regressors centred on their means over all ranks'
-        batches (``centring`` is ``None`` with ``centre_regressors=False``)."""
+        batches (``centring`` is ``None`` when the iteration is not centred)."""
         params, error = None, local_error
         if error is None and self._is_first_rank:
             try:
@@ -510,7 +520,7 @@ class IncrementalMM:
         if self.process_group is not None:
             template = tree_to(self.model.get_params(), self.dtype) if params is None else params
             params = broadcast_tree(self.process_group, template)
-        if not self.centre_regressors:
+        if not self._centres:
             return params, None
         # The means of the concatenated batches: a single process fed them centres the same.
         centring = all_reduce_batch(

@@ -233,6 +233,10 @@ class FullCovarianceExpertSurrogate:
         self.covariance_prior = covariance_prior
         self.unpenalised_column = unpenalised_column
 
+    def penalises_column(self, column: int) -> bool:
+        """Whether the ridge acts on the coefficients of regressor ``column``."""
+        return self.ridge > 0 and self.unpenalised_column != column
+
     log_prob = staticmethod(full_covariance_expert_log_prob)
 
     def statistics(self, expert_params, expert_features, y, resp) -> FullCovarianceExpertStatistics:

@@ -261,6 +261,14 @@ class GaussianExpertSurrogate:
         self.variance_prior = variance_prior
         self.unpenalised_column = unpenalised_column
 
+    def penalises_column(self, column: int) -> bool:
+        """Whether the ridge or the penalty acts on the coefficients of regressor ``column``."""
+        by_ridge = self.ridge > 0 and self.unpenalised_column != column
+        penalty = self.penalty
+        return by_ridge or (
+            penalty is not None and penalty.active and penalty.intercept_column != column
+        )
+
     log_prob = staticmethod(gaussian_expert_log_prob)
 
     def statistics(self, expert_params, expert_features, y, resp) -> GaussianExpertStatistics:

@@ -252,6 +252,11 @@ class MultinomialExpertSurrogate:
         self.min_weight = min_weight
         self.bound = bound
 
+    def penalises_column(self, column: int) -> bool:
+        """Whether the ridge acts on the coefficients of regressor ``column``: always (it is
+        positive, and covers every coefficient)."""
+        return True
+
     log_prob = staticmethod(multinomial_expert_log_prob)
 
     def curvature(self, num_classes: int, dtype: torch.dtype):
