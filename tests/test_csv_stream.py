@@ -97,6 +97,14 @@ def test_missing_columns_are_named(table):
         CsvBatchStream(path, "y1", features=["a", "y1"])
     with pytest.raises(TypeError, match="sequence of column names"):
         CsvBatchStream(path, "y1", features="a")
+    # The README once showed CsvBatchStream(path, target, batch_size): 64 went to features and
+    # failed with "'int' object is not iterable".
+    with pytest.raises(TypeError, match=r"keyword-only: CsvBatchStream\(path, target, batch_size"):
+        CsvBatchStream(path, "y1", 64)
+    with pytest.raises(ValueError, match="missing must be one of"):
+        CsvBatchStream(path, "y1", missing="skip")
+    x, _, _ = concatenated(CsvBatchStream(path, "y1", features=pd.Index(["c", "a"])))
+    assert x.shape == (23, 2)
     with pytest.raises(FileNotFoundError):
         CsvBatchStream(path.parent / "absent.csv", "y1")
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
@@ -116,6 +124,32 @@ def test_non_numeric_value_is_reported_with_its_row(tmp_path):
     # The bad column is not read when it is not selected.
     x, _, _ = concatenated(CsvBatchStream(path, "y", features=["a"], chunk_size=4))
     assert x.shape == (10, 1)
+
+
+def test_rows_with_missing_values_can_be_dropped_and_are_counted(tmp_path):
+    # A large file with a few gaps: missing="drop" skips those rows (per pass count), keeps the
+    # others in order and whole; a gap in a column that is not read does not matter, and a
+    # non-numeric cell is still an error (a schema problem, not a missing value).
+    path = tmp_path / "gaps.csv"
+    rows = ["a,b,skip,y"] + [f"{i},{i / 10},,{i}" for i in range(12)]
+    rows[3], rows[6], rows[7] = "2,,,2", ",0.5,,5", "6,0.6,,"
+    path.write_text("\n".join(rows) + "\n")
+    stream = CsvBatchStream(path, "y", ["a", "b"], batch_size=3, chunk_size=4, missing="drop")
+    for _ in range(2):
+        x, y, batches = concatenated(stream)
+        assert stream.dropped_rows == 3
+        kept = torch.tensor([0, 1, 3, 4, 7, 8, 9, 10, 11], dtype=torch.float64)
+        assert torch.equal(y, kept) and torch.equal(x[:, 0], kept)
+        assert torch.allclose(x[:, 1], kept / 10)
+        assert [len(b[0]) for b in batches] == [3, 3, 3]
+    shuffled = CsvBatchStream(path, "y", ["a", "b"], shuffle_buffer=5, missing="drop", seed=1)
+    x, y, _ = concatenated(shuffled)
+    assert shuffled.dropped_rows == 3 and torch.equal(y.sort().values, kept)
+    with pytest.raises(ValueError, match="column 'a' has a missing value at data row 5"):
+        list(CsvBatchStream(path, "y", ["a", "b"]))
+    path.write_text("a,y\n1,2\nx,3\n,4\n")
+    with pytest.raises(ValueError, match="column 'a' is not numeric: value 'x' at data row 1"):
+        list(CsvBatchStream(path, "y", missing="drop"))
 
 
 def test_missing_and_boolean_values_are_rejected(tmp_path):

@@ -7,6 +7,8 @@ import torch
 
 __all__ = ["CsvBatchStream"]
 
+_MISSING_POLICIES = ("raise", "drop")
+
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -30,8 +32,9 @@ class CsvBatchStream:
         IncrementalMM(model).fit(stream, epochs=3)
 
     The header and the requested columns are checked when the stream is built; a cell that is
-    empty, missing or not a number raises ``ValueError`` naming its column, data row and value
-    when its chunk is read (batches before it have been yielded by then).
+    not a number raises ``ValueError`` naming its column, data row and value when its chunk is
+    read (batches before it have been yielded by then), and so does an empty or missing one
+    unless ``missing="drop"``, which drops its row and counts it in :attr:`dropped_rows`.
 
     :param path: the CSV file (any compression pandas infers from the suffix, e.g. ``.csv.gz``).
     :param target: the output column (``y`` has shape ``(n,)``) or a sequence of output columns
@@ -45,6 +48,9 @@ class CsvBatchStream:
     :param int shuffle_buffer: rows of the shuffle pool (``None``: the file's order).
     :param int seed: seed of the shuffle; pass ``k`` of the stream (counting from 0) draws its
         order from a private generator seeded ``seed + k``.
+    :param str missing: ``"raise"`` (default) on a missing cell of a requested column, or
+        ``"drop"`` its row (counted per pass in :attr:`dropped_rows`; other columns' missing
+        cells never matter).
     """
 
     def __init__(
@@ -58,6 +64,7 @@ class CsvBatchStream:
         dtype: torch.dtype = torch.float64,
         shuffle_buffer: int = None,
         seed: int = 0,
+        missing: str = "raise",
     ):
         import pandas as pd
 
@@ -75,6 +82,11 @@ class CsvBatchStream:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.seed = seed
+        if missing not in _MISSING_POLICIES:
+            raise ValueError(f"missing must be one of {_MISSING_POLICIES}, got {missing!r}")
+        self.missing = missing
+        #: rows of the latest pass dropped for a missing value (``missing="drop"``).
+        self.dropped_rows = 0
         self._passes = 0
         self._single_target = isinstance(target, str)
         targets = [target] if self._single_target else list(target)
@@ -84,6 +96,12 @@ class CsvBatchStream:
         elif isinstance(features, str):
             raise TypeError(
                 f"features must be a sequence of column names, got the string {features!r}"
+            )
+        elif not hasattr(features, "__iter__"):
+            # CsvBatchStream(path, "y", 64) read 64 as the features: batch_size is keyword-only.
+            raise TypeError(
+                f"features must be a sequence of column names, got {features!r} (batch_size and "
+                f"the other options are keyword-only: CsvBatchStream(path, target, batch_size=...))"
             )
         else:
             features = list(features)
@@ -109,6 +127,7 @@ class CsvBatchStream:
         self.targets: Tuple[str, ...] = tuple(targets)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        self.dropped_rows = 0
         generator = None
         if self.shuffle_buffer is not None:
             generator = torch.Generator().manual_seed(self.seed + self._passes)
@@ -151,19 +170,26 @@ class CsvBatchStream:
         first_row = 0
         with reader:
             for chunk in reader:
+                rows = len(chunk)
                 chunk = self._as_numbers(chunk[columns].copy(), first_row)
+                if self.missing == "drop":
+                    complete = chunk.notna().all(axis=1).to_numpy()
+                    self.dropped_rows += int((~complete).sum())
+                    chunk = chunk[complete]
                 values = torch.tensor(chunk.to_numpy(dtype="float64"), dtype=self.dtype)
-                yield values[:, : len(self.features)], values[:, len(self.features) :]
-                first_row += len(chunk)
+                if len(values):
+                    yield values[:, : len(self.features)], values[:, len(self.features) :]
+                first_row += rows
 
     def _as_numbers(self, chunk, first_row: int):
-        """The chunk with every column numeric; raises on the first missing or non-numeric cell."""
+        """The chunk with every column numeric; raises on the first non-numeric cell, and on the
+        first missing one unless ``missing="drop"`` (then it stays NaN)."""
         import pandas as pd
 
         for name in chunk.columns:
             column = chunk[name]
             missing = column.isna().to_numpy()
-            if missing.any():
+            if missing.any() and self.missing == "raise":
                 row = first_row + int(missing.argmax())
                 raise ValueError(
                     f"column {name!r} has a missing value at data row {row} (line {row + 2} of "
@@ -177,7 +203,7 @@ class CsvBatchStream:
                     f"{first_row}); write them as 0/1 to use them as numbers"
                 )
             numbers = pd.to_numeric(column, errors="coerce")
-            bad = numbers.isna().to_numpy()
+            bad = numbers.isna().to_numpy() & ~missing
             if bad.any():
                 row = first_row + int(bad.argmax())
                 raise ValueError(
