@@ -120,12 +120,19 @@ def test_batch_of_one_equals_a_transcription_of_algorithm_2():
         centre_regressors=False,  # the paper's coordinates (centred: see the next test)
     )
     infer.initialize(x[:20], y[:20])
-    for n in range(20, 60):
+    _assert_one_row_steps_follow(infer, x, y, 20, expected, atol=1e-10)
+
+
+def _assert_one_row_steps_follow(infer, x, y, start: int, expected, atol: float) -> None:
+    """Steps ``infer`` on the rows of ``x, y`` from ``start`` on, one at a time, and checks its
+    parameters (and the model's) after each against the transcription's ``expected``."""
+    for n in range(start, len(x)):
         infer.step(x[n : n + 1], y[n : n + 1])
-        gate, weight, variance = expected[n - 20]
-        assert torch.allclose(infer.params.gate, gate, atol=1e-10, rtol=0)
-        assert torch.allclose(infer.params.experts.weight, weight, atol=1e-10, rtol=0)
-        assert torch.allclose(infer.params.experts.variance, variance, atol=1e-10, rtol=0)
+        gate, weight, variance = expected[n - start]
+        assert torch.allclose(infer.params.gate, gate, atol=atol, rtol=0)
+        assert torch.allclose(infer.params.experts.weight, weight, atol=atol, rtol=0)
+        assert torch.allclose(infer.params.experts.variance, variance, atol=atol, rtol=0)
+        assert torch.allclose(infer.model.get_params().gate, gate, atol=atol, rtol=0)
 
 
 def test_the_centred_iteration_is_algorithm_2_in_other_coordinates():
@@ -152,13 +159,7 @@ def test_the_centred_iteration_is_algorithm_2_in_other_coordinates():
     centred = features - infer.centring.gate
     assert torch.allclose(infer.statistics.gate.gram, centred.T @ centred / 50, atol=1e-12)
     # Measured: at most 5e-12 (gate), 4e-10 (weights), 1e-13 (variances) apart.
-    for n in range(50, 150):
-        infer.step(x[n : n + 1], y[n : n + 1])
-        gate, weight, variance = expected[n - 50]
-        assert torch.allclose(infer.params.gate, gate, atol=1e-8, rtol=0)
-        assert torch.allclose(infer.params.experts.weight, weight, atol=1e-8, rtol=0)
-        assert torch.allclose(infer.params.experts.variance, variance, atol=1e-8, rtol=0)
-        assert torch.allclose(model.get_params().gate, gate, atol=1e-8, rtol=0)
+    _assert_one_row_steps_follow(infer, x, y, 50, expected, atol=1e-8)
 
 
 def test_regressors_are_centred_where_that_leaves_the_objective_unchanged():
