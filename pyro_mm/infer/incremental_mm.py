@@ -680,7 +680,7 @@ def _all_finite(tensors) -> bool:
 
 
 def _zero_centring(model, dtype: torch.dtype) -> FeatureCentring:
-    """A centring of the model's regressors' shapes (a template to receive a broadcast)."""
+    """Zeros shaped as a centring of the model's regressors (what a stored one must match)."""
     return FeatureCentring(
         gate=torch.zeros(model.gate_features.num_features, dtype=dtype),
         experts=torch.zeros(model.expert_features.num_features, dtype=dtype),
