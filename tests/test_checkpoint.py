@@ -151,7 +151,7 @@ def test_a_state_without_centring_goes_on_in_the_models_coordinates():
     old_state = uncentred.state_dict()
     assert old_state["centring"] is None
     del old_state["centring"]
-    resumed = _make()  # centred by default, but the state decides the coordinates
+    resumed = _make(centre_regressors=True)  # the state decides the coordinates
     resumed.load_state_dict(old_state)
     assert resumed.centring is None
     for x, y in batches[3:]:
@@ -159,7 +159,7 @@ def test_a_state_without_centring_goes_on_in_the_models_coordinates():
         resumed.step(x, y)
     assert_trees_identical(tree_state(resumed.params), tree_state(uncentred.params))
 
-    centred = _make()
+    centred = _make(centre_regressors=True)  # standardised data: "auto" would not centre
     for x, y in batches[:3]:
         centred.step(x, y)
     state = centred.state_dict()

@@ -22,7 +22,8 @@ gate bound's ``eps * I`` term is a curvature term of the majoriser, not of the o
 ``gate_eps = 0`` the centred iterates are the paper's, ``tests/test_incremental_mm.py``). Where
 a penalty does act on an intercept (the multinomial experts' ridge), centring would move it, so
 :func:`centring_is_exact` says no and ``IncrementalMM(centre_regressors="auto")`` does not
-centre. A feature map without a column of ones (a
+centre; nor where no regressor's mean exceeds its standard deviation (standardised inputs), as
+centring buys no accuracy there (:func:`centring_from_moments`). A feature map without a column of ones (a
 :class:`~pyro_mm.models.features.CallableFeatures` without ``intercept_column``) is not centred:
 nothing could absorb the shift.
 """
@@ -33,7 +34,13 @@ import torch
 
 from ..models.params import MoEParams, tree_map
 
-__all__ = ["FeatureCentring", "centring_is_exact", "feature_centring"]
+__all__ = [
+    "FeatureCentring",
+    "RegressorMoments",
+    "centring_is_exact",
+    "centring_from_moments",
+    "regressor_moments",
+]
 
 
 @dataclasses.dataclass
@@ -70,13 +77,48 @@ class FeatureCentring:
         return _moved(params, self, model, -1.0)
 
 
-def feature_centring(model, x: torch.Tensor) -> FeatureCentring:
-    """The centring of ``model``'s regressors on the column means of a validated batch ``x``."""
+@dataclasses.dataclass
+class RegressorMoments:
+    """Column means and mean squares of a batch's gate and expert regressors (each ``(D,)``):
+    all a data-parallel fit needs to all-reduce to choose and build its centring."""
+
+    gate_mean: torch.Tensor
+    gate_square: torch.Tensor
+    expert_mean: torch.Tensor
+    expert_square: torch.Tensor
+
+
+def regressor_moments(model, x: torch.Tensor) -> RegressorMoments:
+    """The :class:`RegressorMoments` of ``model``'s regressors on a validated batch ``x``."""
     gate_features, expert_features = model.features(x)
-    return FeatureCentring(
-        gate=_column_means(gate_features, model.gate_features),
-        experts=_column_means(expert_features, model.expert_features),
+    return RegressorMoments(
+        gate_mean=gate_features.mean(0),
+        gate_square=gate_features.square().mean(0),
+        expert_mean=expert_features.mean(0),
+        expert_square=expert_features.square().mean(0),
     )
+
+
+def centring_from_moments(moments: RegressorMoments, model, always: bool = False):
+    """The centring on the moments' means, or ``None`` when no regressor's mean exceeds its
+    standard deviation (unless ``always``): then the Gram matrices are about as well
+    conditioned centred or not, and the iteration is spared the change of coordinates (12
+    operations, ~40 us of a ~850 us step at K = 2, P = 10, batch 4096). Measured on the
+    20,000-row example of the module docstring (inputs of unit spread): uncentred, one pass
+    ended 4e-8 nats per sample worse at ``x + 1``, 1.3e-6 at ``x + 5``, 2.1e-5 at ``x + 20``."""
+    centring = FeatureCentring(
+        gate=_centre(moments.gate_mean, model.gate_features),
+        experts=_centre(moments.expert_mean, model.expert_features),
+    )
+    if always:
+        return centring
+    offsets = [
+        (centring.gate, moments.gate_square - moments.gate_mean.square()),
+        (centring.experts, moments.expert_square - moments.expert_mean.square()),
+    ]
+    # mean^2 > variance, written without a square root (a constant column has variance 0).
+    far = any(bool((centre.square() > variance).any()) for centre, variance in offsets)
+    return centring if far else None
 
 
 def centring_is_exact(model, expert_surrogate, gate_penalty=None, stability=None) -> bool:
@@ -104,13 +146,15 @@ def centring_is_exact(model, expert_surrogate, gate_penalty=None, stability=None
     return not (gate_penalised or experts_penalised)
 
 
-def _column_means(features: torch.Tensor, feature_map) -> torch.Tensor:
-    means = features.mean(0)
+def _centre(means: torch.Tensor, feature_map) -> torch.Tensor:
+    """``means`` with zero at the feature map's column of ones (all zeros without one: nothing
+    would absorb the shift)."""
     column = getattr(feature_map, "intercept_column", None)
     if column is None:
         return torch.zeros_like(means)
-    means[column] = 0.0
-    return means
+    centre = means.clone()
+    centre[column] = 0.0
+    return centre
 
 
 def _moved(params: MoEParams, centring: FeatureCentring, model, sign: float) -> MoEParams:

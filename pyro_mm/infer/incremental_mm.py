@@ -15,7 +15,12 @@ from ..surrogates.registry import (
     gate_surrogate_for,
 )
 from .batches import check_batch, check_model_dtype
-from .centring import FeatureCentring, centring_is_exact, feature_centring
+from .centring import (
+    FeatureCentring,
+    centring_from_moments,
+    centring_is_exact,
+    regressor_moments,
+)
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
 from .em_like import check_fit_setup, count_floored_variances
 from .fit_loop import fit_batches
@@ -129,8 +134,10 @@ class IncrementalMM:
         accuracy that inputs far from zero cause. ``False``: in the model's own coordinates, as
         the paper writes it. ``"auto"`` (default): centred where that leaves the objective
         unchanged (:func:`~pyro_mm.infer.centring.centring_is_exact`: no penalty on an
-        intercept, no statistics truncation), so not for multinomial experts, whose ridge
-        covers their intercepts (``True`` then moves that ridge onto the centred intercepts).
+        intercept, no statistics truncation; so not for multinomial experts, whose ridge covers
+        their intercepts, and ``True`` there moves that ridge onto the centred intercepts) and
+        some regressor's mean exceeds its standard deviation in the first batch (elsewhere
+        centring buys no accuracy: :func:`~pyro_mm.infer.centring.centring_from_moments`).
     """
 
     def __init__(
@@ -522,10 +529,13 @@ class IncrementalMM:
             params = broadcast_tree(self.process_group, template)
         if not self._centres:
             return params, None
-        # The means of the concatenated batches: a single process fed them centres the same.
-        centring = all_reduce_batch(
-            self.process_group, feature_centring(self.model, x), None, 0.0, x.shape[0]
+        # The moments of the concatenated batches: a single process fed them centres the same.
+        moments = all_reduce_batch(
+            self.process_group, regressor_moments(self.model, x), None, 0.0, x.shape[0]
         ).statistics
+        centring = centring_from_moments(moments, self.model, self.centre_regressors is True)
+        if centring is None:
+            return params, None
         return centring.centred_params(params, self.model), centring
 
     def _initial_params_from(self, x, y) -> MoEParams:
