@@ -239,10 +239,11 @@ def profile_step(repeats=200):
     for _ in range(repeats):
         # Shapes and dtypes only: a step leaves the inputs' finiteness to the log-likelihood.
         xb, yb, _ = timed("validate x, y", infer._checked_batch, x, y)
-        params = infer._iterate  # in the centred coordinates the iteration runs in
+        params = infer._iterate  # in the coordinates the iteration runs in
         with torch.inference_mode():  # as in the step (IncrementalMM._batch_statistics)
             design = timed("design [r(x), y] (feature-major)", model.regressors_and_outputs, xb, yb)
-            design = timed("centre the regressors", infer.centring.centre_design_, design)
+            if infer.centring is not None:  # standardised inputs are not centred
+                design = timed("centre the regressors", infer.centring.centre_design_, design)
             stats, log_lik, overflow_probe = timed(
                 "E-step and all statistics (one pass)",
                 one_pass,
@@ -258,10 +259,7 @@ def profile_step(repeats=200):
         timed("finiteness check (one probe)", _probe_is_finite, overflow_probe)
         timed("gate solve", solve_gate, stats.gate, infer.curvature, infer.gate_eps)
         timed("expert solve", surrogate.solve, stats.experts, params.experts)
-        timed(
-            "estimate into the model's coordinates and the model",
-            lambda: model.set_params(infer.estimate, validate=False),
-        )
+        timed("estimate into the model", lambda: model.set_params(infer.estimate, validate=False))
         timed("whole step (public step)", infer.step, x, y)
     best = {name: min(times) * 1e6 for name, times in phases.items()}
 
