@@ -23,9 +23,9 @@ gate bound's ``eps * I`` term is a curvature term of the majoriser, not of the o
 a penalty does act on an intercept (the multinomial experts' ridge), centring would move it, so
 :func:`centring_is_exact` says no and ``IncrementalMM(centre_regressors="auto")`` does not
 centre; nor where no regressor's mean exceeds its standard deviation (standardised inputs), as
-centring buys no accuracy there (:func:`centring_from_moments`). A feature map without a column of ones (a
-:class:`~pyro_mm.models.features.CallableFeatures` without ``intercept_column``) is not centred:
-nothing could absorb the shift.
+centring buys no accuracy there (:func:`centring_from_moments`). A feature map without a
+column of ones (a :class:`~pyro_mm.models.features.CallableFeatures` without
+``intercept_column``) is not centred: nothing could absorb the shift.
 """
 
 import dataclasses
