@@ -11,7 +11,7 @@ import torch
 
 from .metrics_voronoi import voronoi_loss
 from .models.params import MoEParams, tree_leaves, tree_map
-from .validation import as_tensor
+from .validation import as_tensor, class_labels
 
 __all__ = [
     "mse",
@@ -174,12 +174,7 @@ def classification_errors(probs, labels) -> dict:
             f"probs must be (N, M) and labels (N,), got {tuple(probs.shape)} and "
             f"{tuple(labels.shape)}"
         )
-    if labels.is_floating_point():  # whole numbers read as floats (from a CSV, say)
-        if not torch.equal(labels, labels.round()):
-            raise ValueError("labels must be whole numbers (class indices)")
-        labels = labels.long()
-    if labels.numel() and not 0 <= labels.min() <= labels.max() < probs.shape[1]:
-        raise ValueError(f"labels must lie in {{0, ..., {probs.shape[1] - 1}}}")
+    labels = class_labels("labels", labels, probs.shape[1])
     label_probs = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return {
         "accuracy": (probs.argmax(-1) == labels).double().mean().item(),

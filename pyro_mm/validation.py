@@ -9,6 +9,7 @@ import torch
 
 __all__ = [
     "as_tensor",
+    "class_labels",
     "check_finite",
     "check_features",
     "non_negative_number",
@@ -54,6 +55,36 @@ def as_tensor(
     if dtype is not None and value.dtype != dtype:
         value = value.to(dtype)
     return value
+
+
+def class_labels(name: str, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``labels`` (a tensor from :func:`as_tensor` with ``allow_integer=True``) as ``int64``
+    class indices in ``{0, ..., num_classes - 1}``.
+
+    Floating labels are accepted when they are whole numbers (labels read from a CSV, say).
+
+    :raises ValueError: naming the first offending values and rows: a NaN or infinite label, a
+        non-integer one, or one out of range.
+    """
+    if labels.is_floating_point():
+        check_finite(name, labels)
+        fractional = labels != labels.round()
+        if fractional.any():
+            rows = fractional.nonzero().flatten()
+            raise ValueError(
+                f"{name} must hold integer class labels, got non-integer values "
+                f"{labels[rows[:5]].tolist()} at row(s) {rows[:5].tolist()}"
+            )
+        labels = labels.to(torch.int64)
+    outside = (labels < 0) | (labels >= num_classes)
+    if outside.any():
+        rows = outside.nonzero().flatten()
+        raise ValueError(
+            f"class labels must lie in {{0, ..., {num_classes - 1}}} for "
+            f"num_classes={num_classes}, got {labels[rows[:5]].tolist()} at row(s) "
+            f"{rows[:5].tolist()}"
+        )
+    return labels
 
 
 def check_finite(name: str, value: torch.Tensor) -> None:

@@ -246,7 +246,7 @@ def test_classification_errors_checks_shapes_and_counts_argmax_hits():
     # Labels read as floats count when whole; others, and labels out of range, are refused
     # (they were truncated, or failed inside gather with an index error).
     assert classification_errors(probs, [0.0, 2.0, 1.0]) == errors
-    with pytest.raises(ValueError, match="whole numbers"):
+    with pytest.raises(ValueError, match=r"labels must hold integer class labels.*\[2\.5\]"):
         classification_errors(probs, [0.0, 2.5, 1.0])
     with pytest.raises(ValueError, match=r"lie in \{0, ..., 2\}"):
         classification_errors(probs, [0, 3, 1])

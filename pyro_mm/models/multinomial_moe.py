@@ -5,7 +5,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroParam
 
-from ..validation import as_tensor, check_finite
+from ..validation import as_tensor, class_labels
 from .base import MixtureOfExperts
 from .params import MoEParams, MultinomialExpertParams
 
@@ -123,25 +123,7 @@ class MultinomialMoE(MixtureOfExperts):
             )
         if y.shape[0] != num_rows:
             raise ValueError(f"x has {num_rows} rows but y has {y.shape[0]}")
-        if y.is_floating_point():
-            check_finite("y", y)
-            fractional = y != y.round()
-            if fractional.any():
-                rows = fractional.nonzero().flatten()
-                raise ValueError(
-                    f"y must hold integer class labels, got non-integer values "
-                    f"{y[rows[:5]].tolist()} at row(s) {rows[:5].tolist()}"
-                )
-            y = y.to(torch.int64)
-        outside = (y < 0) | (y >= self.num_classes)
-        if outside.any():
-            rows = outside.nonzero().flatten()
-            raise ValueError(
-                f"class labels must lie in {{0, ..., {self.num_classes - 1}}} for "
-                f"num_classes={self.num_classes}, got {y[rows[:5]].tolist()} at row(s) "
-                f"{rows[:5].tolist()}"
-            )
-        return y
+        return class_labels("y", y, self.num_classes)
 
     def clustering_view(self, y: torch.Tensor) -> torch.Tensor:
         """One-hot labels ``(N, M)``, so that K-means clusters ``(x, y)`` with real columns."""
