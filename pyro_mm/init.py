@@ -1,11 +1,14 @@
 """Warm starts for the MM and EM iterations.
 
 * :func:`kmeans_init`: the paper's default: K-means (scikit-learn, several restarts, lowest
-  distortion) on a first batch of standardised ``(x, y)``, experts fitted on their clusters,
+  distortion) on a first batch of standardised ``(x, y)``, experts fitted on their clusters
+  (least squares, or one MM step from zero coefficients for multinomial experts),
   gate at zero or, with ``gate="logistic"``, a multinomial logistic regression of the cluster
   labels on the gate features (the paper's "Incremental MM*"; for another gate kind, its block's
   fit to the labels, e.g. one regression per level of a hierarchical gate).
 """
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -100,7 +103,14 @@ def kmeans_init(
     current = tree_to(model.get_params(), x.dtype)
     surrogate = expert_surrogate if expert_surrogate is not None else expert_surrogate_for(model)
     u, r = model.features(x)
-    experts, _ = surrogate.solve(surrogate.statistics(current.experts, r, y, resp), current.experts)
+    # The statistics are taken at zero coefficients, not at the model's random ones: for
+    # experts fitted by one MM step (multinomial) the step from zero is a least-squares fit of
+    # the labels, which is the same fit whatever the inputs' scale, whereas from random weights
+    # on raw inputs (scales of 10^3) it started from saturated logits: IncrementalMM ended at a
+    # mean NLL of 6.06 on wine and EM at 55.9 on breast cancer (0.062 and 0.0002 standardised).
+    # Least-squares experts' statistics do not depend on it.
+    anchor = dataclasses.replace(current.experts, weight=torch.zeros_like(current.experts.weight))
+    experts, _ = surrogate.solve(surrogate.statistics(anchor, r, y, resp), current.experts)
     gate_params = tree_map(torch.zeros_like, current.gate)
     if gate == "logistic" and num_experts > 1:
         fitted = gate_surrogate_for(model).from_labels(u, labels, num_experts, seed)
