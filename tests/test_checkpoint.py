@@ -197,8 +197,12 @@ def test_tree_helpers_round_trip_and_refuse_unknown_classes():
         load_tree_state(stored)
 
 
+@pytest.mark.parametrize("shift", [0.0, 100.0])
 @pytest.mark.parametrize("method", ["EM", "MirrorDescentEM", "GradientEM"])
-def test_em_type_methods_resume_bit_identically(tmp_path, method):
+def test_em_type_methods_resume_bit_identically(tmp_path, method, shift):
+    """Also on inputs shifted by 100, which EM and MirrorDescentEM run centred: the state
+    carries the centring with the centred iterate."""
+
     def build(seed):
         model = GaussianMoE(3, 2, 2, seed=seed)
         if method == "EM":
@@ -207,8 +211,9 @@ def test_em_type_methods_resume_bit_identically(tmp_path, method):
             return MirrorDescentEM(model, step_size=PowerDecay(1.0, 0.7), gate_max_iter=20)
         return GradientEM(model, lr_gate=0.5, lr_experts=0.2)
 
-    batches = _batches(8, batch_size=150)
+    batches = [(x + shift, y) for x, y in _batches(8, batch_size=150)]
     reference, resumed = _interrupt_and_resume(build, batches, 3, tmp_path / "checkpoint.pt")
+    assert (reference.centring is not None) == (shift > 0 and method != "GradientEM")
     for x, y in batches[3:]:
         resumed.step(x, y)
     assert_trees_identical(

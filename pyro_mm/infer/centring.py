@@ -15,7 +15,9 @@ of ones alone (``m`` zero there): the coefficients ``w`` of ``r`` become ``w'`` 
 ``w'_0 = w_0 + w . m`` (the intercept absorbs the shift; logits and means are unchanged), and
 every statistic and solve transforms accordingly. So IncrementalMM and FiniteSumMM run on
 the regressors centred on the first batch's means and carry their iterate in those
-coordinates; the model always holds its own coordinates. In exact arithmetic the fit is the
+coordinates, as do EM and mirror-descent EM (whose exact solves suffer the same way, only at
+larger offsets: :mod:`~pyro_mm.infer.em_like`), and the K-means start solves on them; the
+model always holds its own coordinates. In exact arithmetic the fit is the
 same where no penalty acts on an intercept: the experts' conjugate ridge and
 :class:`~pyro_mm.surrogates.penalties.CoefficientPenalty` leave it alone by default, and the
 gate bound's ``eps * I`` term is a curvature term of the majoriser, not of the objective (with
@@ -35,12 +37,26 @@ import torch
 from ..models.params import MoEParams, tree_map
 
 __all__ = [
+    "CENTRE_REGRESSORS",
     "FeatureCentring",
+    "check_centre_regressors",
     "RegressorMoments",
     "centring_is_exact",
     "centring_from_moments",
     "regressor_moments",
+    "zero_centring",
 ]
+
+
+#: the values of the fitting classes' ``centre_regressors`` option.
+CENTRE_REGRESSORS = ("auto", True, False)
+
+
+def check_centre_regressors(value):
+    """Returns ``value`` when it is ``"auto"``, ``True`` or ``False``, else raises."""
+    if not (isinstance(value, bool) or value == "auto"):
+        raise ValueError(f"centre_regressors must be 'auto', True or False, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass
@@ -144,6 +160,14 @@ def centring_is_exact(model, expert_surrogate, gate_penalty=None, stability=None
         expert_column
     )
     return not (gate_penalised or experts_penalised)
+
+
+def zero_centring(model, dtype: torch.dtype) -> FeatureCentring:
+    """Zeros shaped as a centring of the model's regressors (what a stored one must match)."""
+    return FeatureCentring(
+        gate=torch.zeros(model.gate_features.num_features, dtype=dtype),
+        experts=torch.zeros(model.expert_features.num_features, dtype=dtype),
+    )
 
 
 def _centre(means: torch.Tensor, feature_map) -> torch.Tensor:

@@ -59,6 +59,13 @@ class EM(EMLikeInference):
         fitted), ``"kmeans"``, ``"kmeans-logistic"``, ``"spectral"`` or ``"current"``.
     :param int seed: seed of the K-means initialisation.
     :param torch.dtype dtype: dtype of the parameters and computations (float64 by default).
+    :param centre_regressors: ``"auto"`` (default), ``True`` or ``False``: run the iteration on
+        the regressors centred on the first batch's means, the intercepts absorbing the shift,
+        as :class:`~pyro_mm.infer.IncrementalMM` does (the same fit in exact arithmetic, without
+        the ill-conditioned solves that inputs far from zero cause; see
+        :mod:`~pyro_mm.infer.em_like`). ``"auto"`` centres where that leaves the objective
+        unchanged (no ``gate_ridge``, no ridge on the experts' intercepts, so not for
+        multinomial experts) and some regressor's mean exceeds its standard deviation.
     """
 
     name = "EM"
@@ -77,6 +84,7 @@ class EM(EMLikeInference):
         init: str = "auto",
         seed: int = 0,
         dtype: torch.dtype = torch.float64,
+        centre_regressors="auto",
     ):
         self.tol = positive_number("tol", tol)
         #: keyword arguments of the gate's Newton solve (ridge, tol, max_iter).
@@ -88,6 +96,8 @@ class EM(EMLikeInference):
             init=init,
             seed=seed,
             dtype=dtype,
+            centre_regressors=centre_regressors,
+            gate_penalises_intercept=gate_ridge > 0,
         )
         #: whether the last :meth:`fit` met ``tol`` (``None`` before any fit).
         self.converged = None
@@ -105,8 +115,10 @@ class EM(EMLikeInference):
         :rtype: float
         """
         x, y, u, r, _, resp, loss = self._prepare(x, y)
-        gate_fit = self.gate_surrogate.exact_m_step(u, resp, self.params.gate, **self.gate_options)
-        experts, report = self.expert_surrogate.exact_m_step(self.params.experts, r, y, resp)
+        gate_fit = self.gate_surrogate.exact_m_step(
+            u, resp, self._iterate.gate, **self.gate_options
+        )
+        experts, report = self.expert_surrogate.exact_m_step(self._iterate.experts, r, y, resp)
         self._commit(MoEParams(gate=gate_fit.weight, experts=experts), x.shape[0], report, gate_fit)
         self.last_gate_fit = gate_fit
         return loss.item()

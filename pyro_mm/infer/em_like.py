@@ -1,7 +1,15 @@
 """The plumbing shared by the EM-type iterations (:class:`~pyro_mm.infer.EM`,
 :class:`~pyro_mm.infer.MirrorDescentEM`, :class:`~pyro_mm.infer.GradientEM`): their whole state is
 the current parameters ``theta_t`` (plain :class:`~pyro_mm.models.params.MoEParams`), and each
-step maps ``theta_t`` to ``theta_{t+1}`` from the E-step on the batch it is given."""
+step maps ``theta_t`` to ``theta_{t+1}`` from the E-step on the batch it is given.
+
+The iterations whose updates are exact solves (EM, mirror-descent EM) are equivariant under
+centring the regressors, and run on them centred on the first batch's means where that leaves
+the objective unchanged (:mod:`~pyro_mm.infer.centring`): the gate's Newton solve and the
+experts' least squares otherwise work on Gram matrices whose condition number grows as the
+square of an input's offset. On 20,000 rows of a 2-expert model with inputs ``x + 10^4`` (unit
+spread), uncentred EM had not converged after 1000 iterations and stood 0.0085 nats per sample
+above its fit of the same rows at ``x``."""
 
 import warnings
 
@@ -14,6 +22,14 @@ from ..surrogates.mixture import e_step
 from ..surrogates.registry import expert_surrogate_with_bound, gate_surrogate_for
 from ..validation import positive_integer, positive_number
 from .batches import check_batch
+from .centring import (
+    FeatureCentring,
+    centring_from_moments,
+    centring_is_exact,
+    check_centre_regressors,
+    regressor_moments,
+    zero_centring,
+)
 from .history import FitHistory
 from .state import (
     check_finite_state,
@@ -104,6 +120,11 @@ class EMLikeInference:
     :param torch.dtype dtype: dtype of the parameters and of the computations.
     :param str expert_bound: for experts with a softmax, the curvature bound of their surrogate
         (used by the subclasses whose expert step is an MM step; ``None``: the block's default).
+    :param centre_regressors: ``"auto"``, ``True`` or ``False``, as in
+        :class:`~pyro_mm.infer.IncrementalMM` (the subclasses whose steps are equivariant
+        under centring offer it; ``False`` for the others).
+    :param bool gate_penalises_intercept: whether the gate step penalises the gate's intercept
+        (a gate ridge): then ``"auto"`` does not centre, which would move that penalty.
     """
 
     #: label of the progress bar.
@@ -122,7 +143,10 @@ class EMLikeInference:
         seed: int,
         dtype: torch.dtype,
         expert_bound: str = None,
+        centre_regressors=False,
+        gate_penalises_intercept: bool = False,
     ):
+        check_centre_regressors(centre_regressors)
         check_fit_setup(
             model, self.name, init=init, ridge=ridge, variance_floor=variance_floor, dtype=dtype
         )
@@ -138,8 +162,18 @@ class EMLikeInference:
         self.dtype = dtype
         self.ridge, self.variance_floor = float(ridge), float(variance_floor)
         self._warned_floor = False
-        #: current iterate ``theta_t`` (``None`` before initialisation).
-        self.params: MoEParams = None
+        self.centre_regressors = centre_regressors
+        self._centres = centre_regressors is True or (
+            centre_regressors == "auto"
+            and not gate_penalises_intercept
+            and centring_is_exact(model, self.expert_surrogate)
+        )
+        #: the iterate ``theta_t`` in the coordinates the iteration runs in (see
+        #: :attr:`centring`; :attr:`params` gives it in the model's).
+        self._iterate: MoEParams = None
+        #: the means the regressors are centred on (``None``: not centred; see
+        #: :mod:`~pyro_mm.infer.centring`); ``None`` before initialisation.
+        self.centring: FeatureCentring = None
         #: number of steps taken.
         self.num_steps = 0
         #: samples consumed by ``step``.
@@ -153,14 +187,34 @@ class EMLikeInference:
         }
         self.history = FitHistory()
 
+    @property
+    def params(self) -> MoEParams:
+        """The current iterate ``theta_t`` in the model's coordinates (``None`` before
+        initialisation)."""
+        if self._iterate is None or self.centring is None:
+            return self._iterate
+        return self.centring.model_params(self._iterate, self.model)
+
     # -------------------------------------------------------------------------------- verbs
     def initialize(self, x, y) -> None:
-        """Sets ``theta_0`` per ``init`` from a first batch (called by the first step if needed)."""
+        """Sets ``theta_0`` per ``init`` from a first batch (called by the first step if needed)
+        and, where the iteration centres its regressors, the centring on the batch's means."""
         x, y = self._check_batch(x, y)
+        centring = None
+        if self._centres:
+            moments = regressor_moments(self.model, x)
+            centring = centring_from_moments(moments, self.model, self.centre_regressors is True)
         params = initial_params(
-            self.model, x, y, self.init, seed=self.seed, expert_surrogate=self.expert_surrogate
+            self.model,
+            x,
+            y,
+            self.init,
+            seed=self.seed,
+            expert_surrogate=self.expert_surrogate,
+            centring=centring,
         )
-        self.params, self.num_steps = params, 0
+        self.centring, self.num_steps = centring, 0
+        self._iterate = params if centring is None else centring.centred_params(params, self.model)
         self.model.set_params(params, validate=False)
 
     def evaluate_loss(self, x, y) -> float:
@@ -184,11 +238,13 @@ class EMLikeInference:
     def state_dict(self) -> dict:
         """Everything the iteration depends on, as plain data (``torch.save`` it): the options
         it was built with, the iterate ``theta_t``, the step-size schedule (if any), the step and
-        sample counters, the regularisation counters and the history. There is no random state
-        after initialisation (K-means is seeded by ``seed``)."""
+        sample counters, the regularisation counters and the history (the iterate in the
+        coordinates the iteration runs in, with the ``centring`` that maps them to the model's).
+        There is no random state after initialisation (K-means is seeded by ``seed``)."""
         state = {
             "options": self._options(),
-            "params": tree_state(self.params),
+            "params": tree_state(self._iterate),
+            "centring": tree_state(self.centring),
             "num_steps": self.num_steps,
             "samples_seen": self.samples_seen,
             "regularisation": dict(self.regularisation),
@@ -210,14 +266,19 @@ class EMLikeInference:
         params = load_tree_state(state["params"])
         if params is not None:
             check_tree_shapes("params", params, tree_to(self.model.get_params(), self.dtype))
+        # A state saved before the iteration centred its regressors has no centring: its
+        # iterate is in the model's coordinates, and goes on in them.
+        centring = load_tree_state(state.get("centring"))
+        if centring is not None:
+            check_tree_shapes("centring", centring, zero_centring(self.model, self.dtype))
         if hasattr(self, "schedule"):
             self.schedule = load_schedule_state(self.schedule, state["schedule"])
-        self.params = params
+        self._iterate, self.centring = params, centring
         self.num_steps, self.samples_seen = int(state["num_steps"]), int(state["samples_seen"])
         self.regularisation = dict(state["regularisation"])
         self.history = FitHistory(**state["history"])
         if params is not None:
-            self.model.set_params(params, validate=False)
+            self.model.set_params(self.params, validate=False)
 
     # --------------------------------------------------------------------------- internals
     def _check_batch(self, x, y):
@@ -230,11 +291,13 @@ class EMLikeInference:
             ``theta_t`` (a 0-d tensor).
         """
         x, y = self._check_batch(x, y)
-        if self.params is None:
+        if self._iterate is None:
             self.initialize(x, y)
         u, r = self.model.features(x)
+        if self.centring is not None:
+            u, r = self.centring.features(u, r)
         gate_probs, resp, log_lik = e_step(
-            self.expert_surrogate, self.params, u, r, y, self.gate_surrogate
+            self.expert_surrogate, self._iterate, u, r, y, self.gate_surrogate
         )
         loss = -log_lik.mean()
         if not torch.isfinite(loss):
@@ -245,13 +308,14 @@ class EMLikeInference:
         return x, y, u, r, gate_probs, resp, loss
 
     def _commit(self, params: MoEParams, num_rows: int, report=None, gate_fit=None) -> None:
-        """Makes ``params`` the new iterate and writes it into the model (after checks)."""
+        """Makes ``params`` (in the iteration's coordinates) the new iterate and writes it into
+        the model (after checks)."""
         if not all(bool(torch.isfinite(t).all()) for t in tree_leaves(params)):
             raise FloatingPointError(
                 f"the {self.name} update produced non-finite parameters; the state was left "
                 f"unchanged (increase the ridge, or lower the step size)"
             )
-        self.params = params
+        self._iterate = params
         self.num_steps += 1
         self.samples_seen += num_rows
         if report is not None:
@@ -259,4 +323,4 @@ class EMLikeInference:
             count_floored_variances(self, self.name, report.floored_variances)
         if gate_fit is not None and not gate_fit.converged:
             self.regularisation["unconverged_gate_steps"] += 1
-        self.model.set_params(params, validate=False)
+        self.model.set_params(self.params, validate=False)

@@ -92,7 +92,7 @@ class GradientEM(EMLikeInference):
         :rtype: float
         """
         x, y, u, r, _, resp, loss = self._prepare(x, y)
-        gate, experts = self._unconstrained(self.params)
+        gate, experts = self._unconstrained(self._iterate)
         expert_leaves = [getattr(experts, name) for name in self._expert_transforms]
         num_gate = len(gate)
         with torch.enable_grad():

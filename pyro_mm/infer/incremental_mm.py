@@ -19,7 +19,9 @@ from .centring import (
     FeatureCentring,
     centring_from_moments,
     centring_is_exact,
+    check_centre_regressors,
     regressor_moments,
+    zero_centring,
 )
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
 from .em_like import check_fit_setup, count_floored_variances
@@ -176,10 +178,7 @@ class IncrementalMM:
             )
         if not gate_eps >= 0:
             raise ValueError(f"gate_eps must be >= 0, got {gate_eps!r}")
-        if not (isinstance(centre_regressors, bool) or centre_regressors == "auto"):
-            raise ValueError(
-                f"centre_regressors must be 'auto', True or False, got {centre_regressors!r}"
-            )
+        check_centre_regressors(centre_regressors)
         if on_bad_batch not in _BAD_BATCH_POLICIES:
             raise ValueError(
                 f"on_bad_batch must be one of {_BAD_BATCH_POLICIES}, got {on_bad_batch!r}"
@@ -517,31 +516,38 @@ class IncrementalMM:
         """``(theta_0, centring)`` on every rank: ``theta_0`` per ``init`` from the first rank's
         batch, in the coordinates of the regressors centred on their means over all ranks'
         batches (``centring`` is ``None`` when the iteration is not centred)."""
+        centring = None
+        if self._centres:
+            # The moments are a collective over every rank's batch: agree that all are valid
+            # first. A single process fed the concatenated batches centres the same.
+            self._raise_on_failure(
+                local_error, agree_on_failure(self.process_group, local_error is not None)
+            )
+            moments = all_reduce_batch(
+                self.process_group, regressor_moments(self.model, x), None, 0.0, x.shape[0]
+            ).statistics
+            centring = centring_from_moments(moments, self.model, self.centre_regressors is True)
         params, error = None, local_error
         if error is None and self._is_first_rank:
             try:
-                params = self._initial_params_from(x, y)
+                params = initial_params(
+                    self.model,
+                    x,
+                    y,
+                    self.init,
+                    seed=self.seed,
+                    expert_surrogate=self.expert_surrogate,
+                    centring=centring,
+                )
             except (ValueError, TypeError) as err:
                 error = err
         self._raise_on_failure(error, agree_on_failure(self.process_group, error is not None))
         if self.process_group is not None:
             template = tree_to(self.model.get_params(), self.dtype) if params is None else params
             params = broadcast_tree(self.process_group, template)
-        if not self._centres:
-            return params, None
-        # The moments of the concatenated batches: a single process fed them centres the same.
-        moments = all_reduce_batch(
-            self.process_group, regressor_moments(self.model, x), None, 0.0, x.shape[0]
-        ).statistics
-        centring = centring_from_moments(moments, self.model, self.centre_regressors is True)
         if centring is None:
             return params, None
         return centring.centred_params(params, self.model), centring
-
-    def _initial_params_from(self, x, y) -> MoEParams:
-        return initial_params(
-            self.model, x, y, self.init, seed=self.seed, expert_surrogate=self.expert_surrogate
-        )
 
     def _reduced_statistics(self, params, x, y, local_error, centring):
         """The batch statistics at ``params``, its mean NLL, row count and overflow probe (see
@@ -635,7 +641,7 @@ class IncrementalMM:
         # parameters and statistics are in the model's coordinates, and go on in them.
         centring = load_tree_state(state.get("centring"))
         if centring is not None:
-            check_tree_shapes("centring", centring, _zero_centring(self.model, self.dtype))
+            check_tree_shapes("centring", centring, zero_centring(self.model, self.dtype))
         if stats is not None:
             solved, _ = solve_mixture(
                 stats,
@@ -687,11 +693,3 @@ def _all_finite(tensors) -> bool:
     if math.isfinite(sum(t.sum().item() for t in tensors)):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _zero_centring(model, dtype: torch.dtype) -> FeatureCentring:
-    """Zeros shaped as a centring of the model's regressors (what a stored one must match)."""
-    return FeatureCentring(
-        gate=torch.zeros(model.gate_features.num_features, dtype=dtype),
-        experts=torch.zeros(model.expert_features.num_features, dtype=dtype),
-    )

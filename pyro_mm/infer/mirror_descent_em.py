@@ -96,6 +96,13 @@ class MirrorDescentEM(EMLikeInference):
     :param str init: as in :class:`~pyro_mm.infer.EM`.
     :param int seed: seed of the K-means initialisation.
     :param torch.dtype dtype: dtype of the parameters and computations.
+    :param centre_regressors: ``"auto"`` (default), ``True`` or ``False``: run the iteration on
+        the regressors centred on the first batch's means, the intercepts absorbing the shift,
+        as :class:`~pyro_mm.infer.IncrementalMM` does (the same fit in exact arithmetic, without
+        the ill-conditioned solves that inputs far from zero cause; see
+        :mod:`~pyro_mm.infer.em_like`). ``"auto"`` centres where that leaves the objective
+        unchanged (no ``gate_ridge``, no ridge on the experts' intercepts, so not for
+        multinomial experts) and some regressor's mean exceeds its standard deviation.
     """
 
     name = "MirrorDescentEM"
@@ -116,6 +123,7 @@ class MirrorDescentEM(EMLikeInference):
         init: str = "auto",
         seed: int = 0,
         dtype: torch.dtype = torch.float64,
+        centre_regressors="auto",
     ):
         if callable(step_size):
             self.schedule = step_size
@@ -139,6 +147,8 @@ class MirrorDescentEM(EMLikeInference):
             init=init,
             seed=seed,
             dtype=dtype,
+            centre_regressors=centre_regressors,
+            gate_penalises_intercept=gate_ridge > 0,
             expert_bound=expert_bound,
         )
         if not hasattr(self.expert_surrogate, "mean_statistics"):
@@ -165,9 +175,9 @@ class MirrorDescentEM(EMLikeInference):
                 f"it must lie in (0, 1]"
             )
         x, y, u, r, gate_probs, resp, loss = self._prepare(x, y)
-        experts_t = self.params.experts
+        experts_t = self._iterate.experts
         gate_fit = self.gate_surrogate.exact_m_step(
-            u, (1.0 - eta) * gate_probs + eta * resp, self.params.gate, **self.gate_options
+            u, (1.0 - eta) * gate_probs + eta * resp, self._iterate.gate, **self.gate_options
         )
         stats = tree_map(
             lambda mean, observed: (1.0 - eta) * mean + eta * observed,
