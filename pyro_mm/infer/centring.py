@@ -37,7 +37,6 @@ import torch
 from ..models.params import MoEParams, tree_map
 
 __all__ = [
-    "CENTRE_REGRESSORS",
     "FeatureCentring",
     "check_centre_regressors",
     "RegressorMoments",
@@ -48,12 +47,9 @@ __all__ = [
 ]
 
 
-#: the values of the fitting classes' ``centre_regressors`` option.
-CENTRE_REGRESSORS = ("auto", True, False)
-
-
 def check_centre_regressors(value):
-    """Returns ``value`` when it is ``"auto"``, ``True`` or ``False``, else raises."""
+    """Returns the fitting classes' option ``centre_regressors`` when it is ``"auto"``, ``True``
+    or ``False``, else raises."""
     if not (isinstance(value, bool) or value == "auto"):
         raise ValueError(f"centre_regressors must be 'auto', True or False, got {value!r}")
     return value
