@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -208,3 +210,23 @@ def test_bad_input_is_rejected_before_any_state_change():
         md.step(bad_x, y)
     assert md.num_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, tree_leaves(md.params)))
+
+
+def test_a_batch_with_fewer_rows_than_expert_regressors_is_reported():
+    """With fewer rows than expert regressors the expert solve zeroes the coefficients along
+    the directions the batch does not span: that is warned once, and not for batches of enough
+    rows."""
+    truth = gaussian_moe_truth(2, 5, seed=0)
+    x, y = sample_gaussian_moe(truth, 400, seed=1)
+    fitter = MirrorDescentEM(GaussianMoE(2, 5, expert_degree=2), step_size=PowerDecay(1.0, 0.6))
+    assert fitter.model.expert_features.num_features == 11
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitter.fit(x, y, batch_size=8, progress=False)
+    short = [w for w in caught if "batch of 8 rows, fewer than the 11 expert" in str(w.message)]
+    assert len(short) == 1 and fitter.num_steps == 50
+    enough = MirrorDescentEM(GaussianMoE(2, 5, expert_degree=2), step_size=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enough.fit(x, y, batch_size=40, progress=False)
+    assert not [w for w in caught if "expert regressors" in str(w.message)]

@@ -48,6 +48,8 @@ expert solve loses them to the ridge). For running-average statistics with tiny 
 :class:`~pyro_mm.infer.IncrementalMM`.
 """
 
+import warnings
+
 import torch
 
 from ..models.base import MixtureOfExperts
@@ -159,6 +161,7 @@ class MirrorDescentEM(EMLikeInference):
             )
         #: outcome of the last gate step (Newton iterations, final gradient norm).
         self.last_gate_fit = None
+        self._warned_short_batch = False
 
     def step(self, x, y) -> float:
         """One mirror-descent step with the current step size on the batch given.
@@ -175,6 +178,7 @@ class MirrorDescentEM(EMLikeInference):
                 f"it must lie in (0, 1]"
             )
         x, y, u, r, gate_probs, resp, loss = self._prepare(x, y)
+        self._warn_if_underdetermined(*r.shape)
         experts_t = self._iterate.experts
         gate_fit = self.gate_surrogate.exact_m_step(
             u, (1.0 - eta) * gate_probs + eta * resp, self._iterate.gate, **self.gate_options
@@ -188,6 +192,21 @@ class MirrorDescentEM(EMLikeInference):
         self._commit(MoEParams(gate=gate_fit.weight, experts=experts), x.shape[0], report, gate_fit)
         self.last_gate_fit = gate_fit
         return loss.item()
+
+    def _warn_if_underdetermined(self, num_rows: int, num_features: int) -> None:
+        """Warns (once per object) when a batch has fewer rows than expert regressors."""
+        if num_rows >= num_features or self._warned_short_batch:
+            return
+        self._warned_short_batch = True
+        warnings.warn(
+            f"MirrorDescentEM's expert step on a batch of {num_rows} rows, fewer than the "
+            f"{num_features} expert regressors: the mixed statistics span at most {num_rows} "
+            f"directions, and the solve sets the experts' coefficients along the others to zero "
+            f"(up to the ridge), whatever they were; use batches of more than {num_features} "
+            f"rows, or IncrementalMM, whose statistics average over batches",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def fit(
         self,
