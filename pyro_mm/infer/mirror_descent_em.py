@@ -98,13 +98,8 @@ class MirrorDescentEM(EMLikeInference):
     :param str init: as in :class:`~pyro_mm.infer.EM`.
     :param int seed: seed of the K-means initialisation.
     :param torch.dtype dtype: dtype of the parameters and computations.
-    :param centre_regressors: ``"auto"`` (default), ``True`` or ``False``: run the iteration on
-        the regressors centred on the first batch's means, the intercepts absorbing the shift,
-        as :class:`~pyro_mm.infer.IncrementalMM` does (the same fit in exact arithmetic, without
-        the ill-conditioned solves that inputs far from zero cause; see
-        :mod:`~pyro_mm.infer.em_like`). ``"auto"`` centres where that leaves the objective
-        unchanged (no ``gate_ridge``, no ridge on the experts' intercepts, so not for
-        multinomial experts) and some regressor's mean exceeds its standard deviation.
+    :param centre_regressors: ``"auto"`` (default), ``True`` or ``False``, as in
+        :class:`~pyro_mm.infer.EM` (centred on the first batch's means).
     """
 
     name = "MirrorDescentEM"
