@@ -395,9 +395,9 @@ def test_fits_do_not_depend_on_where_the_outputs_are_centred(model_class):
 @pytest.mark.parametrize("gate", ["softmax", "hierarchical"])
 def test_em_type_fits_do_not_depend_on_where_the_inputs_lie(method, gate):
     """EM and batch mirror descent run on the regressors centred on their means (exact solves
-    are equivariant under it), so 40 steps on inputs shifted by 10^4 or 10^6 give the
-    unshifted fit.
-    Uncentred, EM on 20,000 rows at ``x + 10^4`` had not converged after 1000 iterations (28
+    are equivariant under it), so 40 steps on inputs shifted by 10^4 or 10^6 give the unshifted
+    fit. Uncentred, the same 40 steps ended 0.10-0.18 nats per sample higher at either shift,
+    and EM on 20,000 rows at ``x + 10^4`` had not converged after 1000 iterations (28
     unshifted) and stood 0.0085 nats per sample higher."""
     from pyro_mm import MirrorDescentEM
     from pyro_mm.models.gates import HierarchicalGate, SoftmaxGate

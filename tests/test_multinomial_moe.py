@@ -733,8 +733,8 @@ def test_kmeans_start_is_the_same_fit_on_raw_or_standardised_inputs_and_any_init
     """The K-means start fits the multinomial experts by one MM step from zero coefficients: a
     least-squares fit of the labels, the same function of x whether the inputs are raw (wine:
     scales up to 10^3) or standardised, and whatever the model's random initial weights. From
-    the random weights on raw inputs it started at a mean NLL of 20 nats and IncrementalMM ended
-    at 6.06, against 0.062 on standardised inputs."""
+    the random weights, on the raw inputs in a shuffled order, the start was at a mean NLL of
+    20.4 nats and IncrementalMM (20 passes) ended at 6.06, against 0.062 standardised."""
     from sklearn.datasets import load_wine
 
     features, labels = load_wine(return_X_y=True)
