@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_mm import GaussianMoE, IncrementalMM
+from pyro_mm import GaussianMoE, IncrementalMM, MultinomialMoE
 from pyro_mm.datasets import gaussian_moe_stream, gaussian_moe_truth, sample_gaussian_moe
 from pyro_mm.datasets.synthetic import multinomial_moe_truth
 
@@ -165,3 +165,32 @@ def test_sizes_accept_numpy_scalars_and_name_nan_and_inf():
     for bad in (float("nan"), float("inf"), np.float64("nan")):
         with pytest.raises(ValueError, match="num_samples must be a positive integer"):
             positive_integer("num_samples", bad)
+
+
+@pytest.mark.parametrize("family", ["gaussian", "full", "multinomial"])
+def test_parameters_of_another_dtype_are_cast_to_the_models_like_the_inputs(family):
+    """A float32 model evaluated at float64 parameters (a truth, a fitter's iterate) raised
+    torch's ``expected m1 and m2 to have the same dtype``; the parameters are now cast to the
+    model's dtype, as the inputs are, and give what the converted parameters give."""
+    from pyro_mm.models.params import tree_to
+
+    x = torch.randn(20, 2)
+    if family == "multinomial":
+        model, y = MultinomialMoE(2, 2, 3), torch.randint(0, 3, (20,))
+    else:
+        covariance = "full" if family == "full" else "diagonal"
+        model = GaussianMoE(2, 2, 2, covariance=covariance)
+        y = torch.randn(20, 2)
+    params = tree_to(model.get_params(), torch.float64)
+    converted = tree_to(params, torch.float32)
+    calls = {
+        "log_prob": lambda p: model.log_prob(x, y, p),
+        "responsibilities": lambda p: model.responsibilities(x, y, p),
+        "gate_probs": lambda p: model.gate_probs(x, p),
+        "sample": lambda p: model.sample(x, p, generator=torch.Generator().manual_seed(0))[0],
+        "predict": lambda p: model.predict(x, p),
+    }
+    for name, call in calls.items():
+        result = call(params)
+        assert result.dtype == call(converted).dtype, name
+        torch.testing.assert_close(result, call(converted), msg=name)

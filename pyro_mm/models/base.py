@@ -17,7 +17,7 @@ from torch.distributions.transforms import identity_transform
 from ..validation import check_features
 from .features import as_feature_map
 from .gates import check_gate
-from .params import MoEParams
+from .params import MoEParams, tree_leaves, tree_to
 from .priors import check_prior_spec, prior_distributions
 
 __all__ = ["MixtureOfExperts"]
@@ -100,6 +100,19 @@ class MixtureOfExperts(PyroModule):
         # The stored Parameter itself: PyroModule's attribute lookup goes through the param
         # store, and every validated batch asks for the dtype.
         return self._parameters[self._dtype_source].dtype
+
+    def _params_or_current(self, params):
+        """``params`` in the model's dtype (cast like the inputs, see :meth:`check_x`), or the
+        model's own when ``None``."""
+        if params is None:
+            return self.get_params()
+        if any(
+            leaf.is_floating_point() and leaf.dtype != self.dtype for leaf in tree_leaves(params)
+        ):
+            # A float64 truth at a float32 model made torch fail with "expected m1 and m2 to
+            # have the same dtype".
+            return tree_to(params, self.dtype)
+        return params
 
     def check_x(self, x, finite: bool = True) -> torch.Tensor:
         """Validates ``x`` (shape, dtype, finiteness unless ``finite=False``) and casts it to the
@@ -384,7 +397,7 @@ class MixtureOfExperts(PyroModule):
         """
         x = self.check_x(x)
         y = self.check_y(y, x.shape[0])
-        params = self.get_params() if params is None else params
+        params = self._params_or_current(params)
         return self.log_joint_from_features(params, *self.features(x), y)
 
     def log_prob(self, x, y, params: MoEParams = None) -> torch.Tensor:
@@ -398,5 +411,5 @@ class MixtureOfExperts(PyroModule):
     def gate_probs(self, x, params: MoEParams = None) -> torch.Tensor:
         """Gate probabilities ``g_k(x)``, shape ``(N, K)``."""
         x = self.check_x(x)
-        params = self.get_params() if params is None else params
+        params = self._params_or_current(params)
         return self.gate.log_probs(params.gate, self.gate_features(x)).exp()

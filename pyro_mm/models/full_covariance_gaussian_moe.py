@@ -118,7 +118,7 @@ class FullCovarianceGaussianMoE(MixtureOfExperts):
         :param torch.Generator generator: source of randomness (reproducible draws).
         """
         x = self.check_x(x)
-        params = self.get_params() if params is None else params
+        params = self._params_or_current(params)
         u, r = self.features(x)
         gate = torch.softmax(self.gate.logits(params.gate, u), dim=-1)
         z = torch.multinomial(gate, 1, generator=generator).squeeze(-1)

@@ -179,7 +179,7 @@ class GaussianMoE(MixtureOfExperts):
         r"""The regression function ``E[y | x] = sum_k g_k(x) mu_k(x)`` (paper eq. 14),
         ``(N, Q)``."""
         x = self.check_x(x)
-        params = self.get_params() if params is None else params
+        params = self._params_or_current(params)
         u, r = self.features(x)
         gate = torch.softmax(self.gate.logits(params.gate, u), dim=-1)
         return (gate.unsqueeze(-1) * gaussian_expert_means(params.experts.weight, r)).sum(-2)
@@ -190,7 +190,7 @@ class GaussianMoE(MixtureOfExperts):
         :param torch.Generator generator: source of randomness (reproducible draws).
         """
         x = self.check_x(x)
-        params = self.get_params() if params is None else params
+        params = self._params_or_current(params)
         u, r = self.features(x)
         gate = torch.softmax(self.gate.logits(params.gate, u), dim=-1)
         z = torch.multinomial(gate, 1, generator=generator).squeeze(-1)

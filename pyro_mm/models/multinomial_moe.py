@@ -141,7 +141,7 @@ class MultinomialMoE(MixtureOfExperts):
     def predict(self, x, params: MoEParams = None) -> torch.Tensor:
         """Class probabilities ``p(y = m | x) = sum_k g_k(x) e_k(m | x)``, shape ``(N, M)``."""
         x = self.check_x(x)
-        params = self.get_params() if params is None else params
+        params = self._params_or_current(params)
         u, r = self.features(x)
         log_gate = self.gate_log_probs(params.gate, u)
         return mixture_class_log_probs(log_gate, params.experts.weight, r).exp()
@@ -153,7 +153,7 @@ class MultinomialMoE(MixtureOfExperts):
         :returns: ``(y, z)``, both ``int64`` of shape ``(N,)``.
         """
         x = self.check_x(x)
-        params = self.get_params() if params is None else params
+        params = self._params_or_current(params)
         u, r = self.features(x)
         gate = self.gate_log_probs(params.gate, u).exp()
         z = torch.multinomial(gate, 1, generator=generator).squeeze(-1)
