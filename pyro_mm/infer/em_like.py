@@ -45,6 +45,7 @@ from .state import (
 __all__ = [
     "EMLikeInference",
     "check_fit_setup",
+    "fitter_initial_params",
     "gate_solver_options",
 ]
 
@@ -88,6 +89,21 @@ def check_fit_setup(model, algorithm: str, *, init: str, ridge, variance_floor, 
         )
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+
+
+def fitter_initial_params(fitter, x, y, centring) -> MoEParams:
+    """``theta_0`` of a fitting class (its ``model``, ``init``, ``seed`` and expert block) from a
+    first batch, in the model's coordinates, its K-means solves on the regressors centred by
+    ``centring`` (``None``: as they are); see :func:`~pyro_mm.init.initial_params`."""
+    return initial_params(
+        fitter.model,
+        x,
+        y,
+        fitter.init,
+        seed=fitter.seed,
+        expert_surrogate=fitter.expert_surrogate,
+        centring=centring,
+    )
 
 
 def gate_solver_options(gate_ridge, gate_tol, gate_max_iter) -> dict:
@@ -204,15 +220,7 @@ class EMLikeInference:
         if self._centres:
             moments = regressor_moments(self.model, x)
             centring = centring_from_moments(moments, self.model, self.centre_regressors is True)
-        params = initial_params(
-            self.model,
-            x,
-            y,
-            self.init,
-            seed=self.seed,
-            expert_surrogate=self.expert_surrogate,
-            centring=centring,
-        )
+        params = fitter_initial_params(self, x, y, centring)
         self.centring, self.num_steps = centring, 0
         self._iterate = params if centring is None else centring.centred_params(params, self.model)
         self.model.set_params(params, validate=False)

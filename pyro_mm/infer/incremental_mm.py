@@ -5,7 +5,6 @@ import warnings
 
 import torch
 
-from ..init import initial_params
 from ..models.base import MixtureOfExperts
 from ..models.params import MoEParams, tree_leaves, tree_map, tree_to
 from ..surrogates.mixture import mixture_statistics, solve_mixture
@@ -24,7 +23,7 @@ from .centring import (
     zero_centring,
 )
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
-from .em_like import check_fit_setup, count_floored_variances
+from .em_like import check_fit_setup, count_floored_variances, fitter_initial_params
 from .fit_loop import fit_batches
 from .history import FitHistory
 from .schedules import PowerDecay
@@ -530,15 +529,7 @@ class IncrementalMM:
         params, error = None, local_error
         if error is None and self._is_first_rank:
             try:
-                params = initial_params(
-                    self.model,
-                    x,
-                    y,
-                    self.init,
-                    seed=self.seed,
-                    expert_surrogate=self.expert_surrogate,
-                    centring=centring,
-                )
+                params = fitter_initial_params(self, x, y, centring)
             except (ValueError, TypeError) as err:
                 error = err
         self._raise_on_failure(error, agree_on_failure(self.process_group, error is not None))
