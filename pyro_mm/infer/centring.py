@@ -38,6 +38,7 @@ from ..models.params import MoEParams, tree_map
 
 __all__ = [
     "FeatureCentring",
+    "centres_regressors",
     "check_centre_regressors",
     "RegressorMoments",
     "centring_is_exact",
@@ -53,6 +54,14 @@ def check_centre_regressors(value):
     if not (isinstance(value, bool) or value == "auto"):
         raise ValueError(f"centre_regressors must be 'auto', True or False, got {value!r}")
     return value
+
+
+def centres_regressors(centre_regressors, exact: bool) -> bool:
+    """Whether a fit with the option ``centre_regressors`` may run centred: always for
+    ``True``, never for ``False``, and for ``"auto"`` where centring leaves its objective
+    unchanged (``exact``, see :func:`centring_is_exact`); ``"auto"`` then centres only if the
+    first batch has an input far from zero (:func:`centring_from_moments`)."""
+    return centre_regressors is True or (centre_regressors == "auto" and exact)
 
 
 @dataclasses.dataclass

@@ -24,6 +24,7 @@ from ..validation import positive_integer, positive_number
 from .batches import check_batch
 from .centring import (
     FeatureCentring,
+    centres_regressors,
     centring_from_moments,
     centring_is_exact,
     check_centre_regressors,
@@ -179,10 +180,9 @@ class EMLikeInference:
         self.ridge, self.variance_floor = float(ridge), float(variance_floor)
         self._warned_floor = False
         self.centre_regressors = centre_regressors
-        self._centres = centre_regressors is True or (
-            centre_regressors == "auto"
-            and not gate_penalises_intercept
-            and centring_is_exact(model, self.expert_surrogate)
+        self._centres = centres_regressors(
+            centre_regressors,
+            not gate_penalises_intercept and centring_is_exact(model, self.expert_surrogate),
         )
         #: the iterate ``theta_t`` in the coordinates the iteration runs in (see
         #: :attr:`centring`; :attr:`params` gives it in the model's).

@@ -16,6 +16,7 @@ from ..surrogates.registry import (
 from .batches import check_batch, check_model_dtype
 from .centring import (
     FeatureCentring,
+    centres_regressors,
     centring_from_moments,
     centring_is_exact,
     check_centre_regressors,
@@ -213,9 +214,9 @@ class IncrementalMM:
             model, self.expert_surrogate, self.gate_surrogate
         )
         self.gate_penalty, self.stability, self.stability_state = gate_penalty, stability, None
-        self._centres = centre_regressors is True or (
-            centre_regressors == "auto"
-            and centring_is_exact(model, self.expert_surrogate, gate_penalty, stability)
+        self._centres = centres_regressors(
+            centre_regressors,
+            centring_is_exact(model, self.expert_surrogate, gate_penalty, stability),
         )
         self._penalties = repr((penalty, gate_penalty, variance_prior, stability))
         #: the iterate ``theta_n`` and the Polyak average, in the centred coordinates the
