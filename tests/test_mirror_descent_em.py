@@ -212,21 +212,42 @@ def test_bad_input_is_rejected_before_any_state_change():
     assert all(torch.equal(a, b) for a, b in zip(before, tree_leaves(md.params)))
 
 
-def test_a_batch_with_fewer_rows_than_expert_regressors_is_reported():
-    """With fewer rows than expert regressors the expert solve zeroes the coefficients along
-    the directions the batch does not span: that is warned once, and not for batches of enough
-    rows."""
+def test_steps_where_an_expert_has_fewer_rows_than_regressors_are_counted_and_reported():
+    """An expert fitted from fewer rows' worth of weight than it has regressors can be wild off
+    the batch: such steps are counted and warned about once; with fewer rows than regressors
+    the warning also says the solve zeroes the unspanned directions. Batches large enough give
+    neither, and the counter survives a checkpoint (an older state without it loads as 0)."""
     truth = gaussian_moe_truth(2, 5, seed=0)
     x, y = sample_gaussian_moe(truth, 400, seed=1)
-    fitter = MirrorDescentEM(GaussianMoE(2, 5, expert_degree=2), step_size=PowerDecay(1.0, 0.6))
-    assert fitter.model.expert_features.num_features == 11
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fitter.fit(x, y, batch_size=8, progress=False)
-    short = [w for w in caught if "batch of 8 rows, fewer than the 11 expert" in str(w.message)]
-    assert len(short) == 1 and fitter.num_steps == 50
-    enough = MirrorDescentEM(GaussianMoE(2, 5, expert_degree=2), step_size=0.5)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        enough.fit(x, y, batch_size=40, progress=False)
-    assert not [w for w in caught if "expert regressors" in str(w.message)]
+
+    def fitted(batch_size, step_size):
+        fitter = MirrorDescentEM(GaussianMoE(2, 5, expert_degree=2), step_size=step_size)
+        assert fitter.model.expert_features.num_features == 11
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fitter.fit(x, y, batch_size=batch_size, progress=False)
+        messages = [str(w.message) for w in caught if "expert regressors" in str(w.message)]
+        return fitter, messages
+
+    # 8 rows: every step short, and fewer rows than regressors.
+    tiny, messages = fitted(8, PowerDecay(1.0, 0.6))
+    assert tiny.num_steps == 50 and tiny.regularisation["short_expert_share_steps"] == 50
+    assert len(messages) == 1 and "batch of 8 rows" in messages[0]
+    assert "fewer than its 11 expert regressors" in messages[0] and "zeroes" in messages[0]
+    # 16 rows: more rows than regressors, but two experts share them.
+    shared, messages = fitted(16, PowerDecay(1.0, 0.6))
+    assert shared.regularisation["short_expert_share_steps"] == shared.num_steps == 25
+    assert len(messages) == 1 and "batch of 16 rows" in messages[0]
+    assert "zeroes" not in messages[0]
+    # 200 rows: about 100 per expert.
+    enough, messages = fitted(200, 0.5)
+    assert enough.regularisation["short_expert_share_steps"] == 0 and not messages
+
+    state = tiny.state_dict()
+    resumed = MirrorDescentEM(GaussianMoE(2, 5, expert_degree=2))
+    resumed.load_state_dict(state)
+    assert resumed.regularisation["short_expert_share_steps"] == 50
+    del state["regularisation"]["short_expert_share_steps"]
+    older = MirrorDescentEM(GaussianMoE(2, 5, expert_degree=2))
+    older.load_state_dict(state)
+    assert older.regularisation["short_expert_share_steps"] == 0

@@ -283,7 +283,8 @@ class EMLikeInference:
             self.schedule = load_schedule_state(self.schedule, state["schedule"])
         self._iterate, self.centring = params, centring
         self.num_steps, self.samples_seen = int(state["num_steps"]), int(state["samples_seen"])
-        self.regularisation = dict(state["regularisation"])
+        # A counter added after the state was saved starts at zero.
+        self.regularisation = {**dict.fromkeys(self.regularisation, 0), **state["regularisation"]}
         self.history = FitHistory(**state["history"])
         if params is not None:
             self.model.set_params(self.params, validate=False)

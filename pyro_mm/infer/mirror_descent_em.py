@@ -42,10 +42,13 @@ population mirror map ``A`` (an expectation over the unknown input distribution)
 its mini-batch estimate ``A_B``; in a regular exponential family with an input-free log-partition
 this would be the online EM of Cappé & Moulines, here the log-partition depends on ``x`` and
 cannot be carried as a running average. Consequences: use decreasing step sizes
-(e.g. :class:`~pyro_mm.infer.PowerDecay`) over a stream, and batches well above the number of
-features (with fewer rows than expert features the batch's KL is flat in some directions and the
-expert solve loses them to the ridge). For running-average statistics with tiny batches use
-:class:`~pyro_mm.infer.IncrementalMM`.
+(e.g. :class:`~pyro_mm.infer.PowerDecay`) over a stream, and batches in which every expert's
+share (its rows' worth of weight, ``sum_n (1 - eta) g_k + eta tau_k``) is well above its number of
+regressors: the batch's KL barely constrains the directions the batch does not span, and the
+solve can set wild coefficients along them (flat directions, lost to the ridge, with fewer rows
+than regressors). A step where some share is below the number of regressors is counted in
+``regularisation["short_expert_share_steps"]`` and warned about once. For running-average
+statistics with small batches use :class:`~pyro_mm.infer.IncrementalMM`.
 """
 
 import warnings
@@ -156,7 +159,8 @@ class MirrorDescentEM(EMLikeInference):
             )
         #: outcome of the last gate step (Newton iterations, final gradient norm).
         self.last_gate_fit = None
-        self._warned_short_batch = False
+        self.regularisation["short_expert_share_steps"] = 0
+        self._warned_short_share = False
 
     def step(self, x, y) -> float:
         """One mirror-descent step with the current step size on the batch given.
@@ -173,10 +177,13 @@ class MirrorDescentEM(EMLikeInference):
                 f"it must lie in (0, 1]"
             )
         x, y, u, r, gate_probs, resp, loss = self._prepare(x, y)
-        self._warn_if_underdetermined(*r.shape)
+        gate_targets = (1.0 - eta) * gate_probs + eta * resp
+        # Each expert's mixed statistics weigh the rows by (1 - eta) g_k + eta tau_k: the
+        # expert is fitted from that many rows' worth of weight.
+        shares = gate_targets.sum(0)
         experts_t = self._iterate.experts
         gate_fit = self.gate_surrogate.exact_m_step(
-            u, (1.0 - eta) * gate_probs + eta * resp, self._iterate.gate, **self.gate_options
+            u, gate_targets, self._iterate.gate, **self.gate_options
         )
         stats = tree_map(
             lambda mean, observed: (1.0 - eta) * mean + eta * observed,
@@ -186,19 +193,42 @@ class MirrorDescentEM(EMLikeInference):
         experts, report = self.expert_surrogate.solve(stats, experts_t)
         self._commit(MoEParams(gate=gate_fit.weight, experts=experts), x.shape[0], report, gate_fit)
         self.last_gate_fit = gate_fit
+        self._report_short_shares(shares, r.shape[1])
         return loss.item()
 
-    def _warn_if_underdetermined(self, num_rows: int, num_features: int) -> None:
-        """Warns (once per object) when a batch has fewer rows than expert regressors."""
-        if num_rows >= num_features or self._warned_short_batch:
+    def _report_short_shares(self, shares: torch.Tensor, num_features: int) -> None:
+        """Counts a step in which some expert's share of the batch (its rows' worth of weight in
+        the mixed statistics) is below its number of regressors, and warns at the first.
+
+        Such a solve rests on fewer effective rows than coefficients: the batch's KL barely
+        constrains the directions it does not span, and the solved coefficients along them can
+        be wild off the batch. With fewer rows than regressors it is a certainty (the statistics
+        span at most that many directions; the solve zeroes the others up to the ridge).
+        Measured on Communities and Crime with degree-2 experts (21 regressors, K = 2, 20
+        passes): batches of 32 rows, every step short, test MSE 52 on one fold where batches
+        of 128 (no step short) gave 0.028.
+        """
+        if not bool((shares < num_features).any()):
             return
-        self._warned_short_batch = True
+        self.regularisation["short_expert_share_steps"] += 1
+        if self._warned_short_share:
+            return
+        self._warned_short_share = True
+        num_rows = round(float(shares.sum()))
+        smallest = float(shares.min())
+        spanned = (
+            "; with fewer rows than regressors the solve also zeroes the coefficients along "
+            "the directions the batch does not span"
+            if num_rows < num_features
+            else ""
+        )
         warnings.warn(
-            f"MirrorDescentEM's expert step on a batch of {num_rows} rows, fewer than the "
-            f"{num_features} expert regressors: the mixed statistics span at most {num_rows} "
-            f"directions, and the solve sets the experts' coefficients along the others to zero "
-            f"(up to the ridge), whatever they were; use batches of more than {num_features} "
-            f"rows, or IncrementalMM, whose statistics average over batches",
+            f"MirrorDescentEM's expert step on a batch of {num_rows} rows gave an expert a "
+            f"share of {smallest:.3g} rows, fewer than its {num_features} expert regressors: "
+            f"its solve rests on fewer effective rows than coefficients and can extrapolate "
+            f"wildly off the batch{spanned}. Use batches of several times "
+            f"{num_features} rows per expert, or IncrementalMM, whose statistics average over "
+            f"batches (counted in regularisation['short_expert_share_steps'], warned once)",
             RuntimeWarning,
             stacklevel=3,
         )
