@@ -19,7 +19,11 @@ __all__ = [
 
 
 def as_tensor(
-    name: str, value, dtype: torch.dtype = None, allow_integer: bool = False
+    name: str,
+    value,
+    dtype: torch.dtype = None,
+    allow_integer: bool = False,
+    integer_hint: str = "",
 ) -> torch.Tensor:
     """Converts an array-like to a tensor, rejecting non-numeric and (unless allowed) integer data.
 
@@ -27,6 +31,7 @@ def as_tensor(
     :param value: a tensor, a NumPy array, a pandas object or a nested sequence.
     :param torch.dtype dtype: floating dtype to cast floating data to (``None`` keeps it).
     :param bool allow_integer: accept integer data (class labels) and keep it as ``int64``.
+    :param str integer_hint: a sentence added to the error for integer or boolean data.
     """
     if hasattr(value, "to_numpy"):  # pandas
         value = value.to_numpy()
@@ -49,7 +54,7 @@ def as_tensor(
         if not allow_integer:
             raise TypeError(
                 f"{name} has dtype {value.dtype}; pass floating-point data "
-                f"(torch.float64 is recommended for fitting)"
+                f"(torch.float64 is recommended for fitting){integer_hint}"
             )
         return value.to(torch.int64)
     if dtype is not None and value.dtype != dtype:

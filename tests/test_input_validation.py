@@ -50,12 +50,13 @@ def _bad_batches(x, y):
         ("y contains infinite values", x[:50], inf_y),
         ("x has dtype torch.int64", x[:50].long(), y[:50]),
         ("y has dtype torch.bool", x[:50], y[:50] > 0),
+        ("y has dtype torch.int64.*for class labels use MultinomialMoE", x[:50], y[:50].long()),
         ("x must be numeric", np.array([["a", "b", "c"]] * 50), y[:50]),
         ("empty batch", x[:0], y[:0]),
     ]
 
 
-@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("index", range(11))
 def test_bad_batch_is_rejected_before_state_changes(started, index):
     infer, x, y = started
     message, bad_x, bad_y = _bad_batches(x, y)[index]

@@ -15,6 +15,12 @@ from .params import GaussianExpertParams, MoEParams
 __all__ = ["COVARIANCES", "GaussianMoE", "gaussian_expert_means", "gaussian_expert_log_prob"]
 
 _LOG_2PI = math.log(2 * math.pi)
+# Integer or boolean outputs given to a Gaussian family are most often class labels.
+_LABELS_HINT = (
+    "; Gaussian experts model real outputs: for class labels use "
+    "MultinomialMoE(num_experts, in_features, num_classes), and cast whole-number real outputs "
+    "to float"
+)
 
 #: Accepted values of ``GaussianMoE(..., covariance=)``.
 COVARIANCES = ("diagonal", "full")
@@ -148,7 +154,7 @@ class GaussianMoE(MixtureOfExperts):
     def check_y(self, y, num_rows: int, finite: bool = True) -> torch.Tensor:
         """Validates ``y``: floating, finite (unless ``finite=False``), shape ``(N, Q)`` (or
         ``(N,)`` when ``Q = 1``)."""
-        y = as_tensor("y", y, self.dtype)
+        y = as_tensor("y", y, self.dtype, integer_hint=_LABELS_HINT)
         if y.dim() == 1 and self.out_features == 1:
             y = y.unsqueeze(-1)
         if y.dim() != 2 or y.shape[1] != self.out_features:
