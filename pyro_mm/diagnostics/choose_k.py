@@ -11,8 +11,9 @@ default), then scored by
 * **PSIS-LOO** (Vehtari, Gelman & Gabry, 2017): the expected log predictive density estimated by
   Pareto-smoothed importance sampling over a :func:`~pyro_mm.diagnostics.laplace_posterior`
   of the fit, through :func:`~pyro_mm.diagnostics.to_inference_data` and ``arviz.loo``; higher
-  is better. Its standard error and the Pareto shapes ``k`` (above 0.7: unreliable) come with
-  it; differences within a couple of standard errors do not discriminate.
+  is better. Its standard error and the Pareto shapes ``k`` come with it (unreliable above
+  :func:`pareto_k_threshold`: 0.63 for the default 500 draws, 0.7 from about 2,200; such ``K``
+  are named in a warning); differences within a couple of standard errors do not discriminate.
 """
 
 import dataclasses
@@ -26,9 +27,16 @@ from ..models.base import MixtureOfExperts
 from .inference_data import to_inference_data
 from .laplace import laplace_posterior
 
-__all__ = ["KSelection", "choose_num_experts", "num_free_parameters"]
+__all__ = ["KSelection", "choose_num_experts", "num_free_parameters", "pareto_k_threshold"]
 
 _CRITERIA = ("bic", "loo")
+
+
+def pareto_k_threshold(num_samples: int) -> float:
+    """The Pareto shape above which a PSIS-LOO estimate from ``num_samples`` draws is
+    unreliable: ``min(1 - 1 / log10(S), 0.7)`` (Vehtari et al., 2024, "Pareto smoothed importance
+    sampling", the threshold ``arviz.loo`` warns at)."""
+    return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
 
 
 def num_free_parameters(model: MixtureOfExperts) -> int:
@@ -55,7 +63,9 @@ class KSelection:
 
     :ivar list table: one dict per candidate ``K``: ``num_experts``, ``nll`` (full data),
         ``num_parameters``, and per criterion ``bic``; ``elpd_loo``, ``elpd_loo_se``, ``p_loo``,
-        ``max_pareto_k``; ``warnings`` (messages raised while fitting and scoring that ``K``).
+        ``max_pareto_k``; ``warnings`` (messages raised while fitting and scoring that ``K``;
+        :func:`choose_num_experts` names in one ``RuntimeWarning`` the ``K`` that have any, and
+        those whose ``max_pareto_k`` exceeds :func:`pareto_k_threshold`).
     :ivar int best_bic: the ``K`` of lowest BIC (``None`` when not computed).
     :ivar int best_loo: the ``K`` of highest ``elpd_loo`` (``None`` when not computed).
     :ivar dict models: ``K -> fitted model``.
@@ -140,7 +150,35 @@ def choose_num_experts(
         models[num_experts] = model
     best_bic = min(table, key=lambda r: r["bic"])["num_experts"] if "bic" in criteria else None
     best_loo = max(table, key=lambda r: r["elpd_loo"])["num_experts"] if "loo" in criteria else None
+    _warn_about_candidates(table, pareto_k_threshold(num_samples))
     return KSelection(table, best_bic, best_loo, models, inference_data)
+
+
+def _warn_about_candidates(table, threshold: float) -> None:
+    """One warning naming the candidates whose PSIS-LOO is unreliable and those whose fitting
+    or scoring warned: those messages are kept in the table, where a user who reads only
+    ``best_loo`` would not see them (quasi-separable classes, for one, give a flat Hessian, a
+    Laplace posterior of huge variance and Pareto shapes of 20 and more)."""
+    unreliable = [
+        f"K = {row['num_experts']} (max Pareto k {row['max_pareto_k']:.2g})"
+        for row in table
+        if row.get("max_pareto_k", 0.0) > threshold
+    ]
+    warned = [str(row["num_experts"]) for row in table if row["warnings"]]
+    parts = []
+    if unreliable:
+        parts.append(
+            f"PSIS-LOO is unreliable (Pareto k above {threshold:.2g}) for "
+            f"{', '.join(unreliable)}: do not choose K by its elpd_loo; use BIC or K-fold "
+            f"cross-validation"
+        )
+    if warned:
+        parts.append(
+            f"fitting or scoring K = {', '.join(warned)} raised warnings, kept in "
+            f"KSelection.table[i]['warnings']"
+        )
+    if parts:
+        warnings.warn("choose_num_experts: " + "; ".join(parts), RuntimeWarning, stacklevel=3)
 
 
 def _score(model, x, y, criteria, num_samples, seed, num_experts, inference_data) -> dict:
