@@ -193,10 +193,10 @@ class MirrorDescentEM(EMLikeInference):
         experts, report = self.expert_surrogate.solve(stats, experts_t)
         self._commit(MoEParams(gate=gate_fit.weight, experts=experts), x.shape[0], report, gate_fit)
         self.last_gate_fit = gate_fit
-        self._report_short_shares(shares, r.shape[1])
+        self._report_short_shares(shares, *r.shape)
         return loss.item()
 
-    def _report_short_shares(self, shares: torch.Tensor, num_features: int) -> None:
+    def _report_short_shares(self, shares: torch.Tensor, num_rows: int, num_features: int) -> None:
         """Counts a step in which some expert's share of the batch (its rows' worth of weight in
         the mixed statistics) is below its number of regressors, and warns at the first.
 
@@ -214,7 +214,6 @@ class MirrorDescentEM(EMLikeInference):
         if self._warned_short_share:
             return
         self._warned_short_share = True
-        num_rows = round(float(shares.sum()))
         smallest = float(shares.min())
         spanned = (
             "; with fewer rows than regressors the solve also zeroes the coefficients along "
