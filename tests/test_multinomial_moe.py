@@ -2,6 +2,8 @@
 model, the expert surrogate majorises and touches the NLL, its solve is the argmin, the exact
 M-step is stationary, and the unchanged inference classes fit the model."""
 
+import warnings
+
 import numpy as np
 import pyro
 import pytest
@@ -10,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta
+from sklearn.datasets import load_iris
 
 from pyro_mm import (
     EM,
@@ -760,3 +763,21 @@ def test_kmeans_start_is_the_same_fit_on_raw_or_standardised_inputs_and_any_init
         IncrementalMM(model).fit(x, y, batch_size=32, epochs=5, shuffle=True, progress=False)
         nll[name] = -model.log_prob(x, y).mean().item()
     assert nll["raw"] < 0.3 and nll["standardised"] < 0.3, nll
+
+
+def test_em_reports_a_fit_that_separates_the_training_classes():
+    """Separable labels: the likelihood has no finite maximiser and EM stops where the NLL's
+    changes fall below tol; that is warned. Overlapping classes (iris) are not."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2, generator=generator, dtype=torch.float64)
+    labels = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    with pytest.warns(RuntimeWarning, match="the fit separates the training classes"):
+        EM(MultinomialMoE(1, 2, 2).double()).fit(x, labels, progress=False)
+    iris_x, iris_y = load_iris(return_X_y=True)
+    iris_x = (iris_x - iris_x.mean(0)) / iris_x.std(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitter = EM(MultinomialMoE(1, 4, 3).double())
+        fitter.fit(iris_x, iris_y, progress=False)
+    assert fitter.converged and fitter.history.loss[-1] > 0.01
+    assert not [w for w in caught if "separates" in str(w.message)]
