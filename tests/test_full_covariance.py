@@ -431,3 +431,24 @@ def test_a_wishart_prior_on_the_covariances_fits_by_map_and_gaussian_guides_are_
     assert idata.posterior["expert_covariance"].shape == (1, 4, 2, 2, 2)
     with pytest.raises(ValueError, match="no bijection to the support.*'expert_covariance'"):
         SVIFit(make(), guide=AutoNormal)
+
+
+@pytest.mark.parametrize("constraint", ["positive_definite", "lower_cholesky"])
+def test_triangular_bijection_log_jacobian_is_autograds(constraint):
+    """The Laplace posterior carries a Wishart prior to the free entries of the covariance's
+    Cholesky factor through this log-Jacobian (torch has none for these transforms): it is
+    log|det| of the Jacobian from the free entries to the distinct entries of the matrix."""
+    from torch.distributions import constraints
+
+    from pyro_mm.diagnostics.laplace import _TriangularBijection
+
+    size = 3
+    bijection = _TriangularBijection(getattr(constraints, constraint), size)
+    rows, cols = torch.tril_indices(size, size)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        free = torch.randn(size * (size + 1) // 2, generator=generator, dtype=torch.float64)
+        jacobian = torch.autograd.functional.jacobian(lambda v: bijection(v)[rows, cols], free)
+        expected = torch.linalg.slogdet(jacobian).logabsdet
+        assert torch.allclose(bijection.log_abs_det_jacobian(free, bijection(free)), expected)
+        assert torch.allclose(bijection.inv(bijection(free)), free)

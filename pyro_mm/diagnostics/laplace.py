@@ -3,13 +3,19 @@
 In the unconstrained coordinates of the parameter sites (gate and expert weights as they are,
 log-variances for variances: the bijections Pyro's autoguides use; a covariance matrix by the
 ``Q (Q + 1) / 2`` entries of its Cholesky factor, the diagonal's logarithms), the negative
-log-likelihood of the full data set is expanded to second order at the point estimate ``u``:
+log-posterior density of the full data set is expanded to second order at the point estimate
+``u``:
 
 .. math:: p(u' \\mid \\mathcal{D}) \\approx \\mathcal{N}\\big(u';\\ u,\\ H^{-1}\\big),
-    \\qquad H = \\nabla^2_u \\Big(-\\sum_n \\log p(y_n \\mid x_n; u)\\Big),
+    \\qquad H = \\nabla^2_u \\Big(-\\sum_n \\log p(y_n \\mid x_n; u)
+    - \\log p(\\theta(u)) - \\log \\big|\\det \\partial\\theta / \\partial u\\big|\\Big).
 
-i.e. a flat prior in the unconstrained coordinates. ``H`` is computed exactly by autograd through
-the Pyro model, so every expert family with a Pyro model gets it without extra code.
+The last two terms are there for the parameters the model declares priors on
+(``MoEPriors``; ``pyro.sample`` sites): their prior density carried to the unconstrained
+coordinates, as :class:`pyro.infer.autoguide.AutoLaplaceApproximation` expands it. A parameter
+without a prior (``pyro.param`` site) has a flat prior in the unconstrained coordinates, so a
+model without priors gets the likelihood's Hessian alone. ``H`` is computed exactly by autograd
+through the Pyro model, so every expert family with a Pyro model gets it without extra code.
 """
 
 import math
@@ -18,7 +24,7 @@ import warnings
 import torch
 from pyro import poutine
 from torch.distributions import biject_to, constraints, transform_to
-from torch.distributions.transforms import ComposeTransform, Transform
+from torch.distributions.transforms import Transform
 
 from ..models.base import MixtureOfExperts
 from .sites import ParameterSites, fix_sites, module_parameters_only, parameter_sites
@@ -34,12 +40,15 @@ class LaplacePosterior:
 
     :ivar ParameterSites sites: the model's parameter sites (names, shapes, constraints).
     :ivar torch.Tensor loc: ``(d,)`` the point estimate in unconstrained coordinates.
-    :ivar torch.Tensor hessian: ``(d, d)`` Hessian of the full-data NLL at ``loc``.
-    :ivar torch.Tensor gradient: ``(d,)`` gradient of the full-data NLL at ``loc``.
+    :ivar torch.Tensor hessian: ``(d, d)`` Hessian at ``loc`` of the expanded density's
+        negative logarithm: the full-data NLL, minus the log prior and log-Jacobian of the
+        parameters with priors when ``includes_priors``.
+    :ivar torch.Tensor gradient: ``(d,)`` its gradient at ``loc``.
     :ivar torch.Tensor eigenvalues: ``(d,)`` eigenvalues of ``hessian`` after regularisation.
     :ivar torch.Tensor eigenvectors: ``(d, d)`` the matching orthonormal eigenvectors.
     :ivar int num_clamped: eigenvalues that were below ``min_eigenvalue`` and were raised to it.
     :ivar float nll: full-data negative log-likelihood at ``loc``.
+    :ivar bool includes_priors: whether the model's priors are part of the expansion.
     """
 
     def __init__(
@@ -52,6 +61,7 @@ class LaplacePosterior:
         eigenvectors: torch.Tensor,
         num_clamped: int,
         nll: float,
+        includes_priors: bool = False,
     ):
         self.sites = sites
         self.loc = loc
@@ -61,6 +71,7 @@ class LaplacePosterior:
         self.eigenvectors = eigenvectors
         self.num_clamped = num_clamped
         self.nll = nll
+        self.includes_priors = includes_priors
 
     @property
     def covariance(self) -> torch.Tensor:
@@ -101,7 +112,8 @@ class LaplacePosterior:
     def __repr__(self) -> str:
         return (
             f"LaplacePosterior(sites={list(self.sites.names)}, dim={self.loc.numel()}, "
-            f"nll={self.nll:.6g}, num_clamped={self.num_clamped}, "
+            f"nll={self.nll:.6g}, includes_priors={self.includes_priors}, "
+            f"num_clamped={self.num_clamped}, "
             f"mode_offset={self.mode_offset:.3g})"
         )
 
@@ -140,6 +152,50 @@ class _LowerTriangle(Transform):
 _TRIANGULAR = (constraints.positive_definite, constraints.lower_cholesky)
 
 
+class _TriangularBijection(Transform):
+    """Pyro's parameterisation ``transform_to(constraint)`` of a positive definite or lower
+    Cholesky matrix, from the ``n (n + 1) / 2`` free entries of the lower triangle it reads, with
+    the log-Jacobian torch does not provide.
+
+    ``transform_to`` makes ``L`` from the triangle (the diagonal exponentiated, ``L_ii = exp
+    d_i``) and, for a positive definite matrix, ``S = L L^T``. In the free entries,
+    ``log|det dL/dv| = sum_i d_i`` and ``log|det dS/dL| = n log 2 + sum_i (n - i + 1) d_i``
+    (``i = 1..n``, over the distinct entries of ``S``; e.g. Muirhead, 1982, Theorem 2.1.9).
+    """
+
+    domain = constraints.independent(constraints.real, 1)
+    codomain = constraints.independent(constraints.real, 2)
+    bijective = True
+
+    def __init__(self, constraint, size: int):
+        super().__init__()
+        self.triangle = _LowerTriangle(size)
+        self.matrix = transform_to(constraint)
+        # Each d_i's weight in the log-Jacobian: 1 for L, n - i + 2 (i = 1..n) for L L^T.
+        weights = torch.ones(size)
+        if constraint is constraints.positive_definite:
+            weights = size + 1 - torch.arange(size, dtype=torch.float64)
+        self.diagonal_weights = weights
+        self.constant = size * math.log(2.0) if constraint is constraints.positive_definite else 0
+
+    def _call(self, vector):
+        return self.matrix(self.triangle(vector))
+
+    def _inverse(self, matrix):
+        return self.triangle.inv(self.matrix.inv(matrix))
+
+    def log_abs_det_jacobian(self, vector, matrix):
+        diagonal = self.triangle(vector).diagonal(dim1=-2, dim2=-1)
+        weights = self.diagonal_weights.to(diagonal.dtype)
+        return (diagonal * weights).sum(-1) + self.constant
+
+    def forward_shape(self, shape):
+        return self.triangle.forward_shape(shape)
+
+    def inverse_shape(self, shape):
+        return self.triangle.inverse_shape(shape)
+
+
 def _site_bijection(name: str, constraint, shape) -> Transform:
     """The bijection from unconstrained coordinates to the values of site ``name``:
     ``biject_to(constraint)``, or for a positive definite (or lower Cholesky) matrix its Pyro
@@ -155,7 +211,7 @@ def _site_bijection(name: str, constraint, shape) -> Transform:
     while isinstance(base, constraints.independent):
         base = base.base_constraint
     if any(base is triangular for triangular in _TRIANGULAR):
-        return ComposeTransform([_LowerTriangle(shape[-1]), transform_to(constraint)])
+        return _TriangularBijection(base, shape[-1])
     raise ValueError(
         f"the parameter site {name!r} has constraint {constraint}, for which there is no "
         "bijection to unconstrained coordinates: the Laplace approximation cannot cover it"
@@ -170,15 +226,24 @@ def _bijections(sites: ParameterSites) -> dict:
 
 
 def _constrained(sites: ParameterSites, unconstrained: torch.Tensor) -> dict:
-    values, start = {}, 0
+    return _constrained_and_log_jacobian(sites, unconstrained)[0]
+
+
+def _constrained_and_log_jacobian(sites: ParameterSites, unconstrained: torch.Tensor):
+    """Site values from unconstrained vectors ``(..., d)``, and the log-Jacobian of the
+    bijections of the sites with priors (``pyro.sample`` sites), summed: the term that carries
+    their prior density to the unconstrained coordinates (``0`` without priors)."""
+    values, start, log_jacobian = {}, 0, unconstrained.new_zeros(())
     batch = unconstrained.shape[:-1]
     for name, bijection in _bijections(sites).items():
         shape = bijection.inverse_shape(sites.shapes[name])
         size = math.prod(shape)
         block = unconstrained[..., start : start + size].reshape(batch + tuple(shape))
         values[name] = bijection(block)
+        if sites.kinds[name] == "sample":
+            log_jacobian = log_jacobian + bijection.log_abs_det_jacobian(block, values[name]).sum()
         start += size
-    return values
+    return values, log_jacobian
 
 
 def _unconstrained_vector(sites: ParameterSites, values: dict) -> torch.Tensor:
@@ -196,11 +261,15 @@ def laplace_posterior(
     at: dict = None,
     min_eigenvalue: float = 1e-2,
     max_mode_offset: float = 3.0,
+    priors: bool = True,
 ) -> LaplacePosterior:
     """Laplace approximation of the posterior at a point estimate of ``model``.
 
     Fit the model first (``IncrementalMM`` and ``EM`` write their estimate into the model).
-    The Hessian is that of the likelihood alone; priors declared on the model are not added.
+    The Hessian is that of the negative log-posterior density in unconstrained coordinates:
+    the full-data NLL, and for the parameters with priors (a model built with ``MoEPriors``)
+    minus their log prior and the log-Jacobian of their bijections, as
+    :class:`pyro.infer.autoguide.AutoLaplaceApproximation` has it (see the module docstring).
 
     :param MixtureOfExperts model: a fitted pyro_mm model (float64 recommended: the Hessian is
         computed in the model's dtype).
@@ -216,7 +285,9 @@ def laplace_posterior(
         data inform has a far larger curvature and is left unchanged.
     :param float max_mode_offset: warn when the point lies further than this many posterior
         standard deviations from the mode of the quadratic expansion (the point is then not a
-        stationary point of the full-data NLL: fit longer, or with EM).
+        stationary point of the expanded density: fit longer, or with EM).
+    :param bool priors: include the priors the model declares (``False``: the likelihood alone,
+        a flat prior in the unconstrained coordinates for every parameter).
     :returns: the :class:`LaplacePosterior`.
     """
     if not min_eigenvalue > 0:
@@ -226,10 +297,12 @@ def laplace_posterior(
     x = model.check_x(x)
     y = model.check_y(y, x.shape[0])
     with module_parameters_only():
-        return _laplace_posterior(model, x, y, at, min_eigenvalue, max_mode_offset)
+        return _laplace_posterior(model, x, y, at, min_eigenvalue, max_mode_offset, priors)
 
 
-def _laplace_posterior(model, x, y, at, min_eigenvalue, max_mode_offset) -> LaplacePosterior:
+def _laplace_posterior(
+    model, x, y, at, min_eigenvalue, max_mode_offset, priors
+) -> LaplacePosterior:
     sites = parameter_sites(model, x, y)
     at = sites.values if at is None else at
     missing = set(sites.names) - set(at)
@@ -238,29 +311,44 @@ def _laplace_posterior(model, x, y, at, min_eigenvalue, max_mode_offset) -> Lapl
     dtype = model.dtype
     loc = _unconstrained_vector(sites, {name: at[name].to(dtype) for name in sites.names})
 
-    def negative_log_likelihood(unconstrained: torch.Tensor) -> torch.Tensor:
-        fixed = fix_sites(model, sites, _constrained(sites, unconstrained))
-        site = poutine.trace(fixed).get_trace(x, y).nodes["y"]
-        return -site["fn"].log_prob(site["value"]).sum()
+    with_priors = priors and sites.has_priors
+
+    def negative_log_density(unconstrained: torch.Tensor):
+        """``(negative log-posterior density in unconstrained coordinates, NLL)``."""
+        values, log_jacobian = _constrained_and_log_jacobian(sites, unconstrained)
+        trace = poutine.trace(fix_sites(model, sites, values)).get_trace(x, y)
+        observed = trace.nodes["y"]
+        nll = -observed["fn"].log_prob(observed["value"]).sum()
+        if not with_priors:
+            return nll, nll
+        log_prior = sum(
+            trace.nodes[name]["fn"].log_prob(trace.nodes[name]["value"]).sum()
+            for name in sites.names
+            if sites.kinds[name] == "sample"
+        )
+        return nll - log_prior - log_jacobian, nll
 
     with torch.enable_grad():
         point = loc.detach().requires_grad_(True)
-        nll = negative_log_likelihood(point)
-        (gradient,) = torch.autograd.grad(nll, point)
-        hessian = torch.autograd.functional.hessian(negative_log_likelihood, loc.detach())
+        objective, nll = negative_log_density(point)
+        (gradient,) = torch.autograd.grad(objective, point)
+        hessian = torch.autograd.functional.hessian(
+            lambda unconstrained: negative_log_density(unconstrained)[0], loc.detach()
+        )
     hessian = 0.5 * (hessian + hessian.T)
+    expanded = "negative log-posterior" if with_priors else "NLL"
     eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
     largest = eigenvalues.max()
     if not largest > 0:
         raise ValueError(
-            "the Hessian of the NLL has no positive curvature at this point (largest eigenvalue "
-            f"{largest.item():.3g}); is the model fitted?"
+            f"the Hessian of the {expanded} has no positive curvature at this point (largest "
+            f"eigenvalue {largest.item():.3g}); is the model fitted?"
         )
     clamped = eigenvalues < min_eigenvalue
     num_clamped = int(clamped.sum())
     if num_clamped:
         warnings.warn(
-            f"the Hessian of the NLL is not positive definite enough: {num_clamped} of "
+            f"the Hessian of the {expanded} is not positive definite enough: {num_clamped} of "
             f"{eigenvalues.numel()} eigenvalues are below min_eigenvalue={min_eigenvalue:g} "
             f"(smallest {eigenvalues.min().item():.3g}, largest {largest.item():.3g}); they were "
             "raised to it, which makes those directions of the Laplace posterior wide (their "
@@ -278,13 +366,14 @@ def _laplace_posterior(model, x, y, at, min_eigenvalue, max_mode_offset) -> Lapl
         eigenvectors=eigenvectors.detach(),
         num_clamped=num_clamped,
         nll=nll.item(),
+        includes_priors=with_priors,
     )
     offset = approximation.mode_offset
     if offset > max_mode_offset:
         warnings.warn(
             f"the point estimate is {offset:.3g} posterior standard deviations away from the "
-            "mode of the quadratic expansion of the full-data NLL (the gradient there is not "
-            "zero); the Laplace approximation assumes a minimum: fit to convergence (e.g. with "
+            f"mode of the quadratic expansion of the full-data {expanded} (the gradient there is "
+            "not zero); the Laplace approximation assumes a minimum: fit to convergence (e.g. with "
             "EM or more MM epochs) before calling laplace_posterior",
             stacklevel=3,
         )
