@@ -475,3 +475,20 @@ def test_importing_pyro_mm_does_not_import_arviz():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_parameter_sites_of_a_model_with_priors_are_read_without_drawing_from_the_priors():
+    """The sites are traced at the model's current values: no prior draw (the global random
+    state is untouched), and the values are the module's."""
+    from pyro_mm.diagnostics.sites import parameter_sites
+
+    truth = gaussian_moe_truth(2, 1, seed=0)
+    x, y = sample_gaussian_moe(truth, 50, seed=1)
+    model = GaussianMoE(2, 1, priors=MoEPriors()).double()
+    model.set_params(truth)
+    state = torch.get_rng_state()
+    sites = parameter_sites(model, x, y)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert set(sites.kinds.values()) == {"sample"}
+    for name, value in model.param_values().items():
+        assert torch.equal(sites.values[model.site_name(name)], value)

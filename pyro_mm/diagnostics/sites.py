@@ -75,15 +75,20 @@ def parameter_sites(model: MixtureOfExperts, x, y) -> ParameterSites:
     """
     if not isinstance(model, MixtureOfExperts):
         raise TypeError(f"model must be a pyro_mm mixture of experts, got {type(model).__name__}")
-    with torch.no_grad():
-        trace = prune_subsample_sites(poutine.trace(model).get_trace(x, y))
-    if "y" not in trace.nodes or not trace.nodes["y"].get("is_observed", False):
-        raise ValueError("the model has no observed sample site named 'y'")
     current = model.param_values()
     by_site = {model.site_name(name): name for name in current}
+    # Parameters with priors are sample sites: traced at their current values, not at draws
+    # from their priors (which only cost time and, for a Wishart, can warn of singular draws).
+    at_current = poutine.condition(
+        model, data={site: current[name] for site, name in by_site.items()}
+    )
+    with torch.no_grad():
+        trace = prune_subsample_sites(poutine.trace(at_current).get_trace(x, y))
+    if "y" not in trace.nodes or not trace.nodes["y"].get("is_observed", False):
+        raise ValueError("the model has no observed sample site named 'y'")
     names, shapes, constraints, kinds, values = [], {}, {}, {}, {}
     for site_name, site in trace.nodes.items():
-        latent = site["type"] == "sample" and not site["is_observed"]
+        latent = site["type"] == "sample" and (site_name in by_site or not site["is_observed"])
         if site["type"] != "param" and not latent:
             continue
         if site_name not in by_site:
