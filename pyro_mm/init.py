@@ -121,6 +121,7 @@ def kmeans_init(
         # this start ended 3e-6 nats per sample away from the same steps from x's start.
         current = centring.centred_params(current, model)
         u, r = centring.features(u, r)
+        y = centring.centred_outputs(y)
     # The statistics are taken at zero coefficients, not at the model's random ones: for
     # experts fitted by one MM step (multinomial) the step from zero is a least-squares fit of
     # the labels, which is the same fit whatever the inputs' scale, whereas from random weights

@@ -172,6 +172,39 @@ def test_a_state_without_centring_goes_on_in_the_models_coordinates():
     assert_trees_identical(tree_state(again.params), tree_state(centred.params))
 
 
+def test_a_centred_state_saved_before_outputs_were_centred_goes_on_as_it_was(monkeypatch):
+    """A centred state from before outputs were centred has no ``outputs`` in its centring: its
+    iterate and statistics have the outputs uncentred, and it goes on so, bit for bit."""
+    import pyro_mm.infer.incremental_mm as incremental_mm
+
+    batches = [(x, y + 50.0) for x, y in _batches(6)]
+    real_centring = incremental_mm.centring_from_moments
+
+    def regressors_only(moments, model, always=False):
+        centring = real_centring(moments, model, always)
+        centring.outputs = torch.zeros_like(centring.outputs)
+        return centring
+
+    monkeypatch.setattr(incremental_mm, "centring_from_moments", regressors_only)
+    old = _make(centre_regressors=True)
+    for x, y in batches[:3]:
+        old.step(x, y)
+    monkeypatch.undo()
+    state = old.state_dict()
+    del state["centring"]["outputs"]
+    resumed = _make()
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.centring.outputs, torch.zeros(2, dtype=torch.float64))
+    for x, y in batches[3:]:
+        old.step(x, y)
+        resumed.step(x, y)
+    assert_trees_identical(tree_state(resumed.params), tree_state(old.params))
+    # A state of today's code centres the outputs (here on about 50).
+    today = _make(centre_regressors=True)
+    today.step(*batches[0])
+    assert bool((today.centring.outputs - 50.0).abs().max() < 5.0)
+
+
 def test_a_function_schedule_is_not_stored_and_the_constructors_is_kept():
     def schedule(n):
         return 0.5

@@ -70,7 +70,8 @@ class EM(EMLikeInference):
         the ill-conditioned solves that inputs far from zero cause; see
         :mod:`~pyro_mm.infer.em_like`). ``"auto"`` centres where that leaves the objective
         unchanged (no ``gate_ridge``, no ridge on the experts' intercepts, so not for
-        multinomial experts) and some regressor's mean exceeds its standard deviation.
+        multinomial experts) and some regressor's or real output's mean exceeds its standard
+        deviation; real outputs are centred with the regressors.
     """
 
     name = "EM"

@@ -28,8 +28,8 @@ from .centring import (
     centring_from_moments,
     centring_is_exact,
     check_centre_regressors,
+    load_centring,
     regressor_moments,
-    zero_centring,
 )
 from .history import FitHistory
 from .state import (
@@ -218,7 +218,7 @@ class EMLikeInference:
         x, y = self._check_batch(x, y)
         centring = None
         if self._centres:
-            moments = regressor_moments(self.model, x)
+            moments = regressor_moments(self.model, x, y)
             centring = centring_from_moments(moments, self.model, self.centre_regressors is True)
         params = fitter_initial_params(self, x, y, centring)
         self.centring, self.num_steps = centring, 0
@@ -276,9 +276,7 @@ class EMLikeInference:
             check_tree_shapes("params", params, tree_to(self.model.get_params(), self.dtype))
         # A state saved before the iteration centred its regressors has no centring: its
         # iterate is in the model's coordinates, and goes on in them.
-        centring = load_tree_state(state.get("centring"))
-        if centring is not None:
-            check_tree_shapes("centring", centring, zero_centring(self.model, self.dtype))
+        centring = load_centring(state.get("centring"), self.model, self.dtype)
         if hasattr(self, "schedule"):
             self.schedule = load_schedule_state(self.schedule, state["schedule"])
         self._iterate, self.centring = params, centring
@@ -305,6 +303,7 @@ class EMLikeInference:
         u, r = self.model.features(x)
         if self.centring is not None:
             u, r = self.centring.features(u, r)
+            y = self.centring.centred_outputs(y)
         gate_probs, resp, log_lik = e_step(
             self.expert_surrogate, self._iterate, u, r, y, self.gate_surrogate
         )

@@ -20,8 +20,8 @@ from .centring import (
     centring_from_moments,
     centring_is_exact,
     check_centre_regressors,
+    load_centring,
     regressor_moments,
-    zero_centring,
 )
 from .distributed import agree_on_failure, all_reduce_batch, broadcast_tree, resolve_process_group
 from .em_like import check_fit_setup, count_floored_variances, fitter_initial_params
@@ -140,6 +140,8 @@ class IncrementalMM:
         their intercepts, and ``True`` there moves that ridge onto the centred intercepts) and
         some regressor's mean exceeds its standard deviation in the first batch (elsewhere
         centring buys no accuracy: :func:`~pyro_mm.infer.centring.centring_from_moments`).
+        Real outputs are centred with the regressors (the experts' intercepts absorb their
+        means too), and an output far from zero also makes ``"auto"`` centre.
     """
 
     def __init__(
@@ -474,6 +476,7 @@ class IncrementalMM:
         u, r = self.model.features(x)
         if centring is not None:
             u, r = centring.features(u, r)
+            y = centring.centred_outputs(y)
         stats, log_lik = mixture_statistics(
             self.expert_surrogate,
             params,
@@ -524,7 +527,7 @@ class IncrementalMM:
                 local_error, agree_on_failure(self.process_group, local_error is not None)
             )
             moments = all_reduce_batch(
-                self.process_group, regressor_moments(self.model, x), None, 0.0, x.shape[0]
+                self.process_group, regressor_moments(self.model, x, y), None, 0.0, x.shape[0]
             ).statistics
             centring = centring_from_moments(moments, self.model, self.centre_regressors is True)
         params, error = None, local_error
@@ -631,9 +634,7 @@ class IncrementalMM:
             check_tree_shapes("averaged_params", averaged, expected)
         # A state saved before the iteration centred its regressors has no centring: its
         # parameters and statistics are in the model's coordinates, and go on in them.
-        centring = load_tree_state(state.get("centring"))
-        if centring is not None:
-            check_tree_shapes("centring", centring, zero_centring(self.model, self.dtype))
+        centring = load_centring(state.get("centring"), self.model, self.dtype)
         if stats is not None:
             solved, _ = solve_mixture(
                 stats,

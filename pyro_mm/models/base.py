@@ -129,6 +129,12 @@ class MixtureOfExperts(PyroModule):
         """``y`` as real columns for K-means initialisation (the identity for real outputs)."""
         return y
 
+    @property
+    def real_output_columns(self) -> int:
+        """The number ``Q`` of real output columns, which the fitting classes may centre
+        (``0`` for class labels)."""
+        return self.out_features
+
     def features(self, x: torch.Tensor):
         """Gate and expert regressors ``(u(x), r(x))`` of a validated batch (one tensor, computed
         once, when the two feature maps are equal)."""

@@ -129,6 +129,11 @@ class MultinomialMoE(MixtureOfExperts):
         """One-hot labels ``(N, M)``, so that K-means clusters ``(x, y)`` with real columns."""
         return torch.nn.functional.one_hot(y, self.num_classes).to(self.dtype)
 
+    @property
+    def real_output_columns(self) -> int:
+        """``0``: the outputs are class labels."""
+        return 0
+
     def get_expert_params(self) -> MultinomialExpertParams:
         return MultinomialExpertParams(weight=self.expert_weight.detach().clone())
 
