@@ -36,7 +36,8 @@ do not change), and it removes the cancellation in the variance statistics
 outputs far from zero cause: over 20,000 rows of a 2-expert model with outputs of unit spread,
 EM from the same start ended at a mean NLL of 0.8840 (not 0.8784) at ``y + 10^7`` and 349,350 at
 ``y + 10^8``, one pass of IncrementalMM at 1.787 (not 0.886) at ``y + 10^8`` and 129,959 at
-``y + 10^9`` (``/tmp/s15/yoff.py``). Class labels are not centred.
+``y + 10^9``; centred, the unshifted fit (``tests/test_em.py`` checks EM, mirror-descent EM
+and IncrementalMM at ``y + 10^8``). Class labels are not centred.
 """
 
 import dataclasses
