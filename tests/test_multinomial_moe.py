@@ -773,6 +773,18 @@ def test_em_reports_a_fit_that_separates_the_training_classes():
     labels = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
     with pytest.warns(RuntimeWarning, match="the fit separates the training classes"):
         EM(MultinomialMoE(1, 2, 2).double()).fit(x, labels, progress=False)
+    # The streaming fitters check at the end of a fit on arrays too. Their first-order or
+    # quadratic-bound steps approach separation slowly (IncrementalMM: mean NLL 0.09 after 1000
+    # passes here), so start from separating weights (the last class is the reference).
+    model = MultinomialMoE(1, 2, 2).double()
+    separating = torch.tensor([[[0.0, -100.0, -50.0]]], dtype=torch.float64)
+    model.set_params(
+        MoEParams(gate=model.get_params().gate, experts=MultinomialExpertParams(separating))
+    )
+    with pytest.warns(RuntimeWarning, match="the fit separates the training classes") as caught:
+        IncrementalMM(model, init="current").fit(x, labels, batch_size=50, progress=False)
+    reports = [w for w in caught if "separates" in str(w.message)]
+    assert reports[0].filename == __file__  # points at the caller of fit
     iris_x, iris_y = load_iris(return_X_y=True)
     iris_x = (iris_x - iris_x.mean(0)) / iris_x.std(0)
     with warnings.catch_warnings(record=True) as caught:

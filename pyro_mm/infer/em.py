@@ -16,7 +16,6 @@ of ``z``, minimal at ``theta = theta_t``), an exact M-step never increases the n
 log-likelihood ``L``. Note ``Q(theta | theta) = L(theta) + avg_n entropy(tau_n)``, not ``L(theta)``.
 """
 
-import math
 import time
 import warnings
 
@@ -29,12 +28,9 @@ from .em_like import EMLikeInference, gate_solver_options
 from .history import FitHistory
 from .incremental_mm import IncrementalMM
 from .schedules import ConstantStep
+from .separation import warn_if_classes_separated
 
 __all__ = ["EM", "batch_mm"]
-
-#: A classification fit "separates" its training classes when it gives every row's label a
-#: probability above 1/2 and its mean NLL is below ``SEPARATED_MEAN_NLL``.
-SEPARATED_MEAN_NLL = 1e-3
 
 
 class EM(EMLikeInference):
@@ -175,42 +171,8 @@ class EM(EMLikeInference):
                 UserWarning,
                 stacklevel=2,
             )
-        self._warn_if_classes_separated(x, y)
+        warn_if_classes_separated(self.model, x, y)
         return history
-
-    def _warn_if_classes_separated(self, x, y) -> None:
-        """Warns when the fit classifies every training row, each label with a probability
-        above 1/2, at a mean NLL below :data:`SEPARATED_MEAN_NLL`.
-
-        The symptom of complete separation, as in logistic regression: with one expert it is
-        exactly that (the fitted logits rank every row's label first, so scaling the weights up
-        drives the likelihood towards its supremum 1, which no finite weights attain); with
-        several, the mixture has found such a ranking where the gate puts its weight. EM stops
-        on ``tol`` (the NLL's changes shrink as it nears 0) or ``max_iter``, with weights set by
-        where it stopped and by the ridge, not by the data. Measured (standardised inputs,
-        ridge 1e-8): wine and digits, K = 1 and 2, stop in 3-4 iterations at a mean NLL of 1e-6
-        to 1.2e-5, breast cancer and iris with K = 2 after 222 and 300 (the cap) at 1.5e-4 and
-        1.0e-4; with one expert iris (overlapping classes, 0.040) and breast cancer (0.0075) are
-        not reported, nor is any of them with ridge = gate_ridge = 1e-3.
-        """
-        from ..models.multinomial_moe import MultinomialMoE
-
-        if not isinstance(self.model, MultinomialMoE):
-            return
-        with torch.no_grad():
-            row_nll = -self.model.log_prob(x, y)
-        mean_nll, worst = float(row_nll.mean()), float(row_nll.max())
-        if mean_nll >= SEPARATED_MEAN_NLL or worst >= math.log(2.0):
-            return
-        warnings.warn(
-            f"the fit separates the training classes: it gives every label a probability above "
-            f"{math.exp(-worst):.4g}, at a mean NLL of {mean_nll:.2g}. The likelihood then has "
-            f"no finite maximiser: the weights grow as long as EM runs and are set by tol and "
-            f"the ridge, not by the data. For a finite estimate set a ridge (e.g. ridge=1e-3 and "
-            f"gate_ridge=1e-3), or use fewer regressors or experts",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 def batch_mm(model: MixtureOfExperts, **options) -> IncrementalMM:

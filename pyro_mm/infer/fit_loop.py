@@ -6,6 +6,7 @@ from typing import Iterable, Optional
 
 from .batches import iterate_batches
 from .history import FitHistory
+from .separation import warn_if_classes_separated
 
 __all__ = ["fit_batches", "fit_loop", "count_batches"]
 
@@ -56,10 +57,13 @@ def fit_batches(
     streaming method on arrays or on a stream of batches (rows of arrays in a new random order
     at each epoch with ``shuffle``, seeded by ``fitter.seed``)."""
     batches = iterate_batches(x, y, batch_size, epochs, shuffle=shuffle, seed=fitter.seed)
-    return fit_loop(
+    history = fit_loop(
         fitter,
         batches,  # made first: it checks batch_size and epochs, which count_batches trusts
         total=count_batches(x, y, batch_size, epochs),
         progress=progress,
         desc=desc,
     )
+    if y is not None:  # arrays: the whole training set is at hand (a stream's is not)
+        warn_if_classes_separated(fitter.model, x, y, stacklevel=4)
+    return history
