@@ -49,6 +49,24 @@ def _start_params():
     )
 
 
+# Inputs and outputs far from zero: the iteration centres both, on all ranks' first batches.
+X_SHIFT, Y_SHIFT = 20.0, 50.0
+
+
+def _shifted(step: int, rank: int):
+    x, y = _shard(step, rank)
+    return x + X_SHIFT, y + Y_SHIFT
+
+
+def _shifted_start_params():
+    """The start of ``_start_params`` for the shifted data (intercepts moved accordingly)."""
+    params = _start_params()
+    gate, weight = params.gate.clone(), params.experts.weight.clone()
+    gate[..., 0] -= X_SHIFT * gate[..., 1:].sum(-1)
+    weight[..., 0] += Y_SHIFT - X_SHIFT * weight[..., 1:].sum(-1)
+    return type(params)(gate=gate, experts=type(params.experts)(weight, params.experts.variance))
+
+
 def _model(init_params=None):
     model = GaussianMoE(3, 2, 2, seed=4).double()
     if init_params is not None:
@@ -89,6 +107,16 @@ def _worker(rank: int, out_dir: str) -> None:
         results["skip"] = infer.state_dict()
 
         # 4. Unequal per-rank averages are weighted by their row counts.
+        infer = IncrementalMM(
+            _model(_shifted_start_params()),
+            init="current",
+            process_group=dist.group.WORLD,
+            centre_regressors=True,
+        )
+        for step in range(NUM_STEPS):
+            infer.step(*_shifted(step, rank))
+        results["centred"] = infer.state_dict()
+
         local = torch.full((2,), float(rank + 1), dtype=torch.float64)
         reduced = all_reduce_batch(
             dist.group.WORLD, MoEParams(gate=local, experts=None), None, -float(rank + 1), rank + 1
@@ -170,6 +198,18 @@ def test_skip_policy_skips_on_every_rank(rank_results):
         assert state["regularisation"]["skipped_batches"] == 1
         state["regularisation"]["skipped_batches"] = 0
         _assert_same_fit(state, reference)
+
+
+def test_ranks_centre_inputs_and_outputs_on_every_ranks_first_batch(rank_results):
+    single = IncrementalMM(_model(_shifted_start_params()), init="current", centre_regressors=True)
+    for step in range(NUM_STEPS):
+        single.step(*_concatenated(step, _shifted))
+    assert float(single.centring.outputs.min()) > Y_SHIFT - 10
+    for result in rank_results:
+        _assert_same_fit(result["centred"], single)
+        centring = load_tree_state(result["centred"]["centring"])
+        # Means all-reduced over the ranks' batches: equal up to the order of the sums.
+        assert torch.allclose(centring.outputs, single.centring.outputs, rtol=0, atol=1e-12)
 
 
 def test_averages_are_weighted_by_row_counts(rank_results):
