@@ -226,13 +226,16 @@ def _bijections(sites: ParameterSites) -> dict:
 
 
 def _constrained(sites: ParameterSites, unconstrained: torch.Tensor) -> dict:
-    return _constrained_and_log_jacobian(sites, unconstrained)[0]
+    return _constrained_and_log_jacobian(sites, unconstrained, with_log_jacobian=False)[0]
 
 
-def _constrained_and_log_jacobian(sites: ParameterSites, unconstrained: torch.Tensor):
+def _constrained_and_log_jacobian(
+    sites: ParameterSites, unconstrained: torch.Tensor, with_log_jacobian: bool = True
+):
     """Site values from unconstrained vectors ``(..., d)``, and the log-Jacobian of the
     bijections of the sites with priors (``pyro.sample`` sites), summed: the term that carries
-    their prior density to the unconstrained coordinates (``0`` without priors)."""
+    their prior density to the unconstrained coordinates (``0`` without priors, or without
+    ``with_log_jacobian``: the draws of :meth:`LaplacePosterior.sample` need only values)."""
     values, start, log_jacobian = {}, 0, unconstrained.new_zeros(())
     batch = unconstrained.shape[:-1]
     for name, bijection in _bijections(sites).items():
@@ -240,7 +243,7 @@ def _constrained_and_log_jacobian(sites: ParameterSites, unconstrained: torch.Te
         size = math.prod(shape)
         block = unconstrained[..., start : start + size].reshape(batch + tuple(shape))
         values[name] = bijection(block)
-        if sites.kinds[name] == "sample":
+        if with_log_jacobian and sites.kinds[name] == "sample":
             log_jacobian = log_jacobian + bijection.log_abs_det_jacobian(block, values[name]).sum()
         start += size
     return values, log_jacobian
@@ -315,7 +318,7 @@ def _laplace_posterior(
 
     def negative_log_density(unconstrained: torch.Tensor):
         """``(negative log-posterior density in unconstrained coordinates, NLL)``."""
-        values, log_jacobian = _constrained_and_log_jacobian(sites, unconstrained)
+        values, log_jacobian = _constrained_and_log_jacobian(sites, unconstrained, with_priors)
         trace = poutine.trace(fix_sites(model, sites, values)).get_trace(x, y)
         observed = trace.nodes["y"]
         nll = -observed["fn"].log_prob(observed["value"]).sum()
