@@ -43,12 +43,17 @@ def multinomial_expert_log_prob(
 def mixture_class_log_probs(
     log_gate: torch.Tensor, expert_weight: torch.Tensor, expert_features: torch.Tensor
 ) -> torch.Tensor:
-    r"""``log p(y = m | x) = log sum_k g_k(x) e_k(m | x)`` for every class, shape ``(N, M)``.
+    r"""``log p(y = m | x) = log sum_k g_k(x) e_k(m | x)`` for every class, shape ``(N, M)``;
+    never above zero (round-off is clamped), so that ``exp`` gives probabilities in ``[0, 1]``.
 
     :param torch.Tensor log_gate: ``(N, K)`` gate log-probabilities ``log g_k(x)`` (of any gate).
     """
     log_experts = torch.log_softmax(multinomial_expert_logits(expert_weight, expert_features), -1)
-    return torch.logsumexp(log_gate.unsqueeze(-1) + log_experts, dim=-2)
+    log_probs = torch.logsumexp(log_gate.unsqueeze(-1) + log_experts, dim=-2)
+    # A mixture of probabilities is at most one, but the log-sum-exp of terms whose
+    # probabilities sum to one rounds to a few ulps above zero in some rows (predict then gave
+    # 1.0000000000000002, which probability consumers such as sklearn's log_loss reject).
+    return log_probs.clamp_max(0.0)
 
 
 class MultinomialMoE(MixtureOfExperts):
