@@ -146,6 +146,30 @@ def test_a_bad_first_batch_leaves_the_object_uninitialised():
     assert infer.num_steps == 1
 
 
+def test_an_overflowing_expert_system_solves_to_nan_instead_of_a_lapack_error():
+    """Statistics that overflowed (the K-means start of a first batch at ``x * 1e200``) make an
+    indefinite, non-finite system: its least-squares fallback raised MKL's internal-assert
+    ``RuntimeError`` on this machine (AVX-512), so the bad first batch above failed with it
+    instead of the ``ValueError`` the fit raises for a non-finite log-likelihood. The solve now
+    returns NaN, which the callers' finiteness checks report."""
+    from pyro_mm.surrogates.gaussian_expert import GaussianExpertStatistics, solve_gaussian_experts
+
+    gram = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    gram[0] = math.inf
+    stats = GaussianExpertStatistics(
+        weight=torch.tensor([0.5, 0.5], dtype=torch.float64),
+        gram=gram,
+        cross=torch.ones(2, 1, 3, dtype=torch.float64),
+        square=torch.ones(2, 1, dtype=torch.float64),
+    )
+    previous = GaussianExpertParams(
+        weight=torch.zeros(2, 1, 3, dtype=torch.float64),
+        variance=torch.ones(2, 1, dtype=torch.float64),
+    )
+    solved, _ = solve_gaussian_experts(stats, previous)
+    assert torch.isnan(solved.weight).all()
+
+
 def test_huge_but_representable_magnitudes_fit_exactly_like_rescaled_data():
     truth = gaussian_moe_truth(2, 3, seed=0)
     x, y = sample_gaussian_moe(truth, 1500, seed=1)

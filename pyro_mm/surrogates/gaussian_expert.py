@@ -146,6 +146,11 @@ def _solve_definite(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``system^{-1} rhs`` for batched symmetric positive (semi-)definite systems."""
     factor, info = torch.linalg.cholesky_ex(system)
     if info.any():
+        if not bool(torch.isfinite(system).all()):
+            # Overflowing statistics (inputs near the dtype's range): the solution is undefined.
+            # NaN lets the callers' finiteness checks report it; LAPACK's least squares refuses
+            # such input, on this machine's MKL with an internal-assert RuntimeError.
+            return torch.full_like(rhs, math.nan)
         # Round-off made a nearly singular Gram matrix indefinite: fall back to a least-squares
         # solve, which is slower but never fails.
         return torch.linalg.lstsq(system, rhs).solution
