@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .models.base import MixtureOfExperts
-from .models.params import tree_map, tree_to
+from .models.params import tree_leaves, tree_map, tree_to
 from .surrogates.registry import expert_surrogate_for, gate_surrogate_for
 
 __all__ = ["INITS", "check_init", "initial_params", "kmeans_init", "check_enough_rows"]
@@ -129,7 +129,15 @@ def kmeans_init(
     # mean NLL of 6.06 on wine and EM at 55.9 on breast cancer (0.062 and 0.0002 standardised).
     # Least-squares experts' statistics do not depend on it.
     anchor = dataclasses.replace(current.experts, weight=torch.zeros_like(current.experts.weight))
-    experts, _ = surrogate.solve(surrogate.statistics(anchor, r, y, resp), current.experts)
+    statistics = surrogate.statistics(anchor, r, y, resp)
+    if not all(bool(torch.isfinite(leaf).all()) for leaf in tree_leaves(statistics)):
+        # The solves' factorisations fail on them with torch's LinAlgError (multinomial and
+        # full-covariance experts), which would not say what is wrong with the data.
+        raise ValueError(
+            "the K-means start's expert statistics overflow the model's dtype: the batch's inputs "
+            "or outputs are too large (their products exceed its range); standardise the data"
+        )
+    experts, _ = surrogate.solve(statistics, current.experts)
     gate_params = tree_map(torch.zeros_like, current.gate)
     if gate == "logistic" and num_experts > 1:
         fitted = gate_surrogate_for(model).from_labels(u, labels, num_experts, seed)

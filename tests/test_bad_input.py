@@ -30,7 +30,16 @@ import pytest
 import torch
 from helpers import assert_trees_identical
 
-from pyro_mm import EM, GaussianMoE, GradientEM, IncrementalMM, MirrorDescentEM, SVIFit
+from pyro_mm import (
+    EM,
+    FiniteSumMM,
+    FullCovarianceGaussianMoE,
+    GaussianMoE,
+    GradientEM,
+    IncrementalMM,
+    MirrorDescentEM,
+    SVIFit,
+)
 from pyro_mm.datasets import gaussian_moe_stream, gaussian_moe_truth, sample_gaussian_moe
 from pyro_mm.datasets.synthetic import multinomial_moe_stream, multinomial_moe_truth
 from pyro_mm.infer.state import tree_state
@@ -168,6 +177,52 @@ def test_an_overflowing_expert_system_solves_to_nan_instead_of_a_lapack_error():
     )
     solved, _ = solve_gaussian_experts(stats, previous)
     assert torch.isnan(solved.weight).all()
+
+
+def _overflowing_batch(family: str):
+    """400 rows at ``x * 1e200`` (outputs too, when real) and a model of ``family``."""
+    x, y = sample_gaussian_moe(gaussian_moe_truth(2, 3, seed=0), 400, seed=1)
+    if family == "multinomial":
+        return MultinomialMoE(2, 3, 2), x, (y[:, 0] > 0).long()
+    return FullCovarianceGaussianMoE(2, 3, 2), x, torch.cat([y, 0.5 * y], 1)
+
+
+def _fit_all(fitter, x, y):
+    if isinstance(fitter, EM):
+        return fitter.fit(x, y, max_iter=2, progress=False)
+    return fitter.fit(x, y, batch_size=100, progress=False)
+
+
+@pytest.mark.parametrize("method", [IncrementalMM, EM, MirrorDescentEM, FiniteSumMM])
+@pytest.mark.parametrize("family", ["multinomial", "full covariance"])
+def test_a_first_batch_whose_statistics_overflow_is_named_for_every_family(family, method):
+    """The K-means start's expert statistics overflow at ``x * 1e200``: their solve raised
+    torch's ``LinAlgError`` (``eigh`` for multinomial experts, ``cholesky`` for full
+    covariances) from inside the start, for every fitting class. Now a ``ValueError`` says so
+    before anything is initialised (Gaussian experts raised one already: the non-finite
+    log-likelihood)."""
+    model, x, y = _overflowing_batch(family)
+    scaled_y = y if family == "multinomial" else y * 1e200
+    fitter = method(model)
+    with pytest.raises(ValueError, match="statistics overflow"):
+        _fit_all(fitter, x * 1e200, scaled_y)
+    assert fitter.params is None
+
+
+@pytest.mark.parametrize("method", [IncrementalMM, MirrorDescentEM, FiniteSumMM])
+def test_a_fitted_multinomial_model_fed_overflowing_inputs_raises_a_named_error(method):
+    """From fitted parameters (``init="current"``) the batch at ``x * 1e200`` reached
+    ``torch.linalg.cond`` (IncrementalMM's and FiniteSumMM's first-step conditioning check) or
+    the multinomial experts' ``eigh`` (MirrorDescentEM) with non-finite statistics and raised
+    torch's ``LinAlgError``; now the finiteness checks raise ``FloatingPointError`` and the model
+    keeps its parameters."""
+    model, x, y = _overflowing_batch("multinomial")
+    EM(model).fit(x, y, max_iter=2, progress=False)
+    before = model.get_params()
+    fitter = method(model, init="current")
+    with pytest.raises(FloatingPointError, match="overflow|non-finite"):
+        _fit_all(fitter, x * 1e200, y)
+    assert_trees_identical(tree_state(model.get_params()), tree_state(before))
 
 
 def test_huge_but_representable_magnitudes_fit_exactly_like_rescaled_data():

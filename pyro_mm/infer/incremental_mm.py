@@ -493,6 +493,8 @@ class IncrementalMM:
         """Warns when the gate features' Gram matrix is too ill-conditioned for ``dtype``: the
         solves then lose ``log10(condition number)`` of the dtype's significant digits."""
         gram = self.gate_surrogate.feature_gram(stats.gate)
+        if not bool(torch.isfinite(gram).all()):
+            return  # overflowing statistics, which the step's finiteness check reports
         condition = float(torch.linalg.cond(gram.double()))
         if not condition * torch.finfo(self.dtype).eps < 1e-2:
             digits = -math.log10(torch.finfo(self.dtype).eps)

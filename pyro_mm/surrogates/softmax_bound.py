@@ -6,6 +6,8 @@ Hessian ``diag(p) - p p^T`` in the ``K - 1`` free logits. A constant matrix ``C`
 and with linear logits ``eta = W u`` the Hessian in ``vec(W)`` is bounded by ``C (x) u u^T``.
 """
 
+import math
+
 import torch
 
 __all__ = [
@@ -170,8 +172,16 @@ def solve_kronecker(
         of the batch shape ``(...)``.
     :param torch.Tensor rhs: ``(..., m, d)`` right-hand side.
     """
-    left_values, left_vectors = torch.linalg.eigh(left)
-    right_values, right_vectors = torch.linalg.eigh(right)
+    try:
+        left_values, left_vectors = torch.linalg.eigh(left)
+        right_values, right_vectors = torch.linalg.eigh(right)
+    except torch.linalg.LinAlgError:
+        if all(bool(torch.isfinite(t).all()) for t in (left, right, rhs)):
+            raise
+        # Overflowing statistics: the solution is undefined. NaN lets the callers' finiteness
+        # checks name the problem, where eigh's error would not.
+        batch = torch.broadcast_shapes(right.shape[:-2], rhs.shape[:-2])
+        return torch.full(batch + rhs.shape[-2:], math.nan, dtype=rhs.dtype, device=rhs.device)
     # A Gram matrix can come out of eigh with tiny negative eigenvalues: clamp them to zero.
     right_values = right_values.clamp_min(0.0)
     shift = torch.as_tensor(shift, dtype=rhs.dtype, device=rhs.device)[..., None, None]
