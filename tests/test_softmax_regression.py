@@ -30,3 +30,23 @@ def test_a_tolerance_below_round_off_ends_without_a_long_line_search():
     result = fit_softmax_regression(x, targets, sample_weight, tol=0.0, max_iter=12)
     # tol = 0 cannot be met; the iterations end at the optimum to round-off.
     assert not result.converged and result.grad_norm < 1e-13 and result.iterations <= 12
+
+
+def test_an_overflowing_hessian_stops_the_newton_solve_unconverged():
+    """Features at 1e200 overflow the Hessian: Cholesky refuses it and the least-squares
+    fallback raised MKL's internal-assert ``RuntimeError`` (AVX-512 machine). Now the fallback
+    gives a NaN direction, the line search finds no decrease, and the solve returns its
+    (finite) starting weights, unconverged."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.cat(
+        [
+            torch.ones(50, 1, dtype=torch.float64),
+            1e200 * torch.randn(50, 2, generator=generator, dtype=torch.float64),
+        ],
+        1,
+    )
+    labels = torch.randint(0, 3, (50,), generator=generator)
+    targets = torch.nn.functional.one_hot(labels, 3).double()
+    result = fit_softmax_regression(features, targets, max_iter=5)
+    assert not result.converged
+    assert torch.isfinite(result.weight).all()

@@ -33,6 +33,7 @@ import torch
 
 from ..models.gaussian_moe import gaussian_expert_log_prob
 from ..models.params import GaussianExpertParams
+from .least_squares import least_squares
 from .moments import weighted_gram, weighted_moments
 from .penalties import CoefficientPenalty, InverseGammaPrior
 from .report import SolveReport
@@ -146,14 +147,9 @@ def _solve_definite(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``system^{-1} rhs`` for batched symmetric positive (semi-)definite systems."""
     factor, info = torch.linalg.cholesky_ex(system)
     if info.any():
-        if not bool(torch.isfinite(system).all()):
-            # Overflowing statistics (inputs near the dtype's range): the solution is undefined.
-            # NaN lets the callers' finiteness checks report it; LAPACK's least squares refuses
-            # such input, on this machine's MKL with an internal-assert RuntimeError.
-            return torch.full_like(rhs, math.nan)
         # Round-off made a nearly singular Gram matrix indefinite: fall back to a least-squares
-        # solve, which is slower but never fails.
-        return torch.linalg.lstsq(system, rhs).solution
+        # solve, which is slower but never fails (NaN for overflowed statistics).
+        return least_squares(system, rhs)
     return torch.cholesky_solve(rhs, factor)
 
 

@@ -16,6 +16,8 @@ import dataclasses
 
 import torch
 
+from .least_squares import least_squares
+
 __all__ = ["SoftmaxRegressionResult", "fit_softmax_regression", "softmax_regression_loss"]
 
 
@@ -102,9 +104,9 @@ def fit_softmax_regression(
             hessian + jitter * torch.eye(len(hessian), dtype=hessian.dtype)
         )
         if info > 0:
-            direction = -torch.linalg.lstsq(hessian, gradient.reshape(-1, 1)).solution.reshape(
-                gradient.shape
-            )
+            # NaN for an overflowed Hessian: the line search then finds no decrease and the
+            # solve stops where it is, unconverged.
+            direction = -least_squares(hessian, gradient.reshape(-1, 1)).reshape(gradient.shape)
         else:
             direction = -torch.cholesky_solve(gradient.reshape(-1, 1), factor).reshape(
                 gradient.shape
