@@ -840,31 +840,40 @@ def _acceptance_lines(result: dict, variant: str) -> List[str]:
 
 def _minimiser_lines(result: dict) -> List[str]:
     """Whether a minimiser of the penalised objective itself (EM run to convergence from the
-    common start) is below every gradient method. Where it is not, a method that minimises the objective better does not
-    meet the "below every gradient method" check either: the check then tells where the
-    gradient methods stopped (their tuned step sizes and the budget act as early stopping),
-    not how fast a method optimises."""
-    tables = [
-        {row["method"]: row["log_loss"] for row in rep["rows"]} for rep in result["repetitions"]
-    ]
-    means = {method: float(np.mean([table[method] for table in tables])) for method in tables[0]}
-    best = min(GRADIENT_GRIDS, key=means.__getitem__)
-    minimiser = "EM (converged)"
-    below = all(means[minimiser] < means[name] for name in GRADIENT_GRIDS)
-    per_repetition = sum(
-        all(table[minimiser] < table[name] for name in GRADIENT_GRIDS) for table in tables
+    common start) is below every gradient method. Where it is not, a method that minimises the
+    objective better does not meet the "below every gradient method" check either: the check
+    then tells where the gradient methods stopped (their tuned step sizes and the budget act as
+    early stopping), not how fast a method optimises."""
+    repetitions, minimiser = result["repetitions"], "EM (converged)"
+    log_loss = {method: _log_losses(repetitions, method) for method in (minimiser, *GRADIENT_GRIDS)}
+    best = min(GRADIENT_GRIDS, key=lambda name: log_loss[name].mean())
+    below = all(log_loss[minimiser].mean() < log_loss[name].mean() for name in GRADIENT_GRIDS)
+    per_repetition = int(
+        np.all([log_loss[minimiser] < log_loss[name] for name in GRADIENT_GRIDS], axis=0).sum()
     )
     line = (
         f"EM run to convergence (a minimiser of the penalised objective, from the common "
-        f"start) vs the gradient methods: "
-        f"{means[minimiser]:.4f} against {best} {means[best]:.4f} on the means; below every "
-        f"gradient method: {below} (per repetition {per_repetition}/{len(tables)})"
+        f"start) vs the gradient methods: {log_loss[minimiser].mean():.4f} against {best} "
+        f"{log_loss[best].mean():.4f} on the means; below every gradient method: {below} (per "
+        f"repetition {per_repetition}/{len(repetitions)})"
     )
-    if len(tables) >= 2:
-        difference = np.array([table[minimiser] - table[best] for table in tables])
-        error = difference.std(ddof=1) / np.sqrt(len(difference))
-        line += f"; minus {best}, paired by repetition: {difference.mean():+.4f} ({error:.4f})"
+    if len(repetitions) >= 2:
+        line += f"; minus {best}, paired by repetition: " + _paired_difference(
+            log_loss[minimiser], log_loss[best]
+        )
     return ["", line + "."]
+
+
+def _log_losses(repetitions: List[dict], method: str) -> np.ndarray:
+    """``method``'s test log-loss in each repetition."""
+    return np.array([row["log_loss"] for row in method_rows(repetitions, method)])
+
+
+def _paired_difference(own: np.ndarray, reference: np.ndarray) -> str:
+    """``own - reference`` paired by repetition: ``"mean (standard error)"``."""
+    difference = own - reference
+    error = difference.std(ddof=1) / np.sqrt(len(difference))
+    return f"{difference.mean():+.4f} ({error:.4f})"
 
 
 def _paired_difference_lines(result: dict, variant: str) -> List[str]:
@@ -875,15 +884,12 @@ def _paired_difference_lines(result: dict, variant: str) -> List[str]:
     if len(repetitions) < 2:
         return []
 
-    def log_losses(method):
-        return np.array([row["log_loss"] for row in method_rows(repetitions, method)])
-
     best_gradient = result["acceptance_on_means"][variant]["best_gradient_method"]
-    own, cells = log_losses(variant), []
-    for reference in (best_gradient, "EM", "EM (converged)"):
-        difference = own - log_losses(reference)
-        error = difference.std(ddof=1) / np.sqrt(len(difference))
-        cells.append(f"{reference} {difference.mean():+.4f} ({error:.4f})")
+    own = _log_losses(repetitions, variant)
+    cells = [
+        f"{reference} {_paired_difference(own, _log_losses(repetitions, reference))}"
+        for reference in (best_gradient, "EM", "EM (converged)")
+    ]
     return [
         "",
         f"{variant}'s test log-loss minus, paired by repetition, mean (standard error over "
