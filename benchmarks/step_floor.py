@@ -12,9 +12,9 @@ counters, no centring, no writing into the Pyro model, the statistics lerped in 
 tensors. Before any timing the script checks that it reproduces the library's iterates from
 the same state (to 1e-12 after 5 steps), so both time the same algorithm.
 
-Timed in ``--rounds`` (default 5) alternating rounds, each method over one pass of the same 10^6 rows
-(``throughput.make_data``, batch 4096, the first step excluded; one torch thread): the wall,
-median-step and fastest-step samples/s, as ``throughput.py``. Writes
+Timed in ``--rounds`` (default 5) alternating rounds, each method over one pass of the same
+10^6 rows (``throughput.make_data``, batch 4096, the first step excluded; one torch thread): the
+wall, median-step and fastest-step samples/s, as ``throughput.py``. Writes
 ``benchmarks/results/step_floor.{json,md}``.
 
 Run: ``python benchmarks/step_floor.py`` (about 20 seconds).
